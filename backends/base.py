@@ -1,0 +1,68 @@
+"""The one small interface every lake backend implements.
+
+Keys are '/'-separated strings relative to the lake root. Errors crossing this boundary are
+built-ins or cachehub errors, never a library's own: FileNotFoundError for a missing key,
+ConflictError for a failed precondition, LakeError for anything else (server down, denied...).
+
+The synchronous methods serve metadata (commits, tags, manifests); the ``a*`` coroutines are
+the data path the transfer engine drives with many requests in flight.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class Backend(abc.ABC):
+    """Storage adapter for one lake root."""
+
+    url: str
+
+    # -- metadata ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def read(self, key: str) -> tuple[bytes, str]:
+        """Return (bytes, etag) of ``key``; FileNotFoundError if absent."""
+
+    @abc.abstractmethod
+    def write(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
+        """Write ``data`` at ``key`` atomically and return its new etag.
+
+        ``if_none_match`` creates only if absent; ``if_match`` replaces only if the current
+        etag equals it. Either failing raises ConflictError and changes nothing.
+        """
+
+    @abc.abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abc.abstractmethod
+    def list(self, prefix: str) -> Iterator[str]:
+        """Every key under ``prefix`` (recursively), in no particular order."""
+
+    @abc.abstractmethod
+    def list_dirs(self, prefix: str) -> list[str]:
+        """Names of the immediate 'sub-directories' of ``prefix``."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove ``key``; no error if it is already gone."""
+
+    @abc.abstractmethod
+    def download(self, key: str, dest: Path) -> None:
+        """Copy ``key`` to the local file ``dest`` (written atomically)."""
+
+    # -- data path --------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def aexists(self, key: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def aget(self, key: str) -> bytes:
+        """The whole object; FileNotFoundError if absent."""
+
+    @abc.abstractmethod
+    async def aput(self, key: str, data: bytes, *, sha256: str) -> None:
+        """Store ``data`` at ``key``; the store verifies ``sha256`` (hex) or rejects the write."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections (optional)."""

@@ -1,0 +1,88 @@
+"""cachehub: cache and version ML datasets across a hybrid cloud.
+
+Quick use from a training script::
+
+    import cachehub
+    root = cachehub.resolve("chest-xray@v3")            # local, read-only path (cached already)
+    root = cachehub.resolve("chest-xray@v3", fetch=True) # cache it first if needed
+
+Everything else goes through :class:`cachehub.Hub` (see docs/python-api.md).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import (
+    AmbiguousRefError,
+    CachehubError,
+    ConfigError,
+    ConflictError,
+    DatasetNotFoundError,
+    FormatError,
+    IntegrityError,
+    InvalidRefError,
+    LakeError,
+    NoSpaceError,
+    NotCachedError,
+    RefNotFoundError,
+    SiteNotFoundError,
+    UnsafePathError,
+)
+
+if TYPE_CHECKING:
+    from .api import Hub
+
+__version__ = "0.1.0"
+
+_default: dict[str, Hub] = {}
+
+
+def default_hub() -> Hub:
+    """A Hub for the current environment (one per CACHEHUB_HOME/CACHEHUB_CONFIG/CACHEHUB_LAKE)."""
+    key = "|".join(os.environ.get(k, "") for k in ("CACHEHUB_HOME", "CACHEHUB_CONFIG", "CACHEHUB_LAKE", "XDG_DATA_HOME"))
+    hub = _default.get(key)
+    if hub is None:
+        from .api import Hub
+
+        hub = _default[key] = Hub()
+    return hub
+
+
+def resolve(ref: str, site: str | None = None, fetch: bool = False) -> Path:
+    """The local, read-only path of ``ref`` (``name@tag``, ``name@<commit id>``, ``name``) at ``site``.
+
+    Raises NotCachedError (a FileNotFoundError) if it is not cached and ``fetch`` is False.
+    """
+    return default_hub().resolve(ref, site=site, fetch=fetch)
+
+
+def __getattr__(name: str) -> object:
+    if name == "Hub":
+        from .api import Hub
+
+        return Hub
+    raise AttributeError(name)
+
+
+__all__ = [
+    "AmbiguousRefError",
+    "CachehubError",
+    "ConfigError",
+    "ConflictError",
+    "DatasetNotFoundError",
+    "FormatError",
+    "Hub",
+    "IntegrityError",
+    "InvalidRefError",
+    "LakeError",
+    "NoSpaceError",
+    "NotCachedError",
+    "RefNotFoundError",
+    "SiteNotFoundError",
+    "UnsafePathError",
+    "default_hub",
+    "resolve",
+]

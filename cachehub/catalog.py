@@ -1,0 +1,318 @@
+"""The catalog: a SQLite index of the lake plus local state (audit, cache entries).
+
+It lives on the daemon host's local disk, never on NFS. Everything in it except the audit
+trail can be rebuilt from the lake and the site roots (``cachehub catalog rebuild``). Schema
+changes are numbered migrations; writes that belong together go in one ``with db.conn:``.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import sqlite_utils
+
+from .errors import CachehubError, ConfigError
+from .fsutil import HOST
+from .lake import canonical_json, now_iso
+from .model import CacheEntry, Commit, Tag
+
+MIGRATIONS: list[tuple[int, str]] = [
+    (
+        1,
+        """
+        CREATE TABLE datasets (name TEXT PRIMARY KEY, refreshed TEXT);
+        CREATE TABLE commits (
+            id TEXT PRIMARY KEY, dataset TEXT NOT NULL, manifest TEXT NOT NULL,
+            files INTEGER NOT NULL, bytes INTEGER NOT NULL, parents TEXT NOT NULL,
+            author TEXT, host TEXT, message TEXT, created TEXT NOT NULL,
+            derived_from TEXT NOT NULL DEFAULT '[]', transform TEXT
+        );
+        CREATE INDEX commits_dataset ON commits (dataset, created);
+        CREATE TABLE tags (
+            dataset TEXT NOT NULL, name TEXT NOT NULL, commit_id TEXT NOT NULL, etag TEXT,
+            PRIMARY KEY (dataset, name)
+        );
+        CREATE TABLE audit (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, user TEXT, host TEXT,
+            action TEXT NOT NULL, dataset TEXT, commit_id TEXT, ref TEXT, site TEXT,
+            details TEXT NOT NULL DEFAULT '{}', prev TEXT NOT NULL, hash TEXT NOT NULL
+        );
+        CREATE INDEX audit_dataset ON audit (dataset, action);
+        CREATE TABLE cache_entries (
+            site TEXT NOT NULL, commit_id TEXT NOT NULL, dataset TEXT NOT NULL, path TEXT NOT NULL,
+            files INTEGER NOT NULL, bytes INTEGER NOT NULL, cached_at TEXT NOT NULL,
+            PRIMARY KEY (site, commit_id)
+        );
+        """,
+    ),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def current_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        return str(os.getuid())
+
+
+class Catalog:
+    """One SQLite file; safe for several local processes (WAL, busy timeout)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        self.db = sqlite_utils.Database(conn)
+        self.conn = conn
+        self._migrate()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def _migrate(self) -> None:
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise ConfigError(
+                f"catalog {self.path} has schema {version}, newer than this cachehub ({SCHEMA_VERSION}): upgrade cachehub"
+            )
+        for number, script in MIGRATIONS:
+            if number <= version:
+                continue
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                if self.conn.execute("PRAGMA user_version").fetchone()[0] < number:
+                    for statement in script.split(";"):
+                        if statement.strip():
+                            self.conn.execute(statement)
+                    self.conn.execute(f"PRAGMA user_version = {number}")
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+
+    def transaction(self) -> _Tx:
+        """``with catalog.transaction():`` groups writes atomically."""
+        return _Tx(self.conn)
+
+    # -- commits and tags --------------------------------------------------------------------
+    def add_commits(self, commits: Iterable[Commit]) -> None:
+        rows = (
+            {
+                "id": c.id,
+                "dataset": c.dataset,
+                "manifest": c.manifest,
+                "files": c.files,
+                "bytes": c.bytes,
+                "parents": json.dumps(list(c.parents)),
+                "author": c.author,
+                "host": c.host,
+                "message": c.message,
+                "created": c.created,
+                "derived_from": json.dumps(list(c.derived_from)),
+                "transform": c.transform,
+            }
+            for c in commits
+        )
+        self.db["commits"].insert_all(rows, replace=True)
+
+    def touch_dataset(self, name: str) -> None:
+        self.db["datasets"].upsert({"name": name, "refreshed": now_iso()}, pk="name")
+
+    def set_tag(self, tag: Tag, etag: str | None) -> None:
+        self.db["tags"].upsert(
+            {"dataset": tag.dataset, "name": tag.name, "commit_id": tag.commit, "etag": etag}, pk=("dataset", "name")
+        )
+
+    def replace_tags(self, dataset: str, tags: Iterable[Tag]) -> None:
+        self.conn.execute("DELETE FROM tags WHERE dataset = ?", (dataset,))
+        for tag in tags:
+            self.set_tag(tag, None)
+
+    def dataset_names(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT name FROM datasets ORDER BY name")]
+
+    def has_dataset(self, name: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM datasets WHERE name = ?", (name,)).fetchone() is not None
+
+    def commit(self, commit_id: str) -> Commit | None:
+        row = self.conn.execute("SELECT * FROM commits WHERE id = ?", (commit_id,)).fetchone()
+        return self._commit(row) if row else None
+
+    def commits_with_prefix(self, dataset: str, prefix: str) -> list[Commit]:
+        rows = self.conn.execute(
+            "SELECT * FROM commits WHERE dataset = ? AND id >= ? AND id < ? ORDER BY id",
+            (dataset, prefix, prefix + "g"),
+        ).fetchall()
+        return [self._commit(r) for r in rows]
+
+    def latest(self, dataset: str) -> Commit | None:
+        row = self.conn.execute(
+            "SELECT * FROM commits WHERE dataset = ? ORDER BY created DESC, id DESC LIMIT 1", (dataset,)
+        ).fetchone()
+        return self._commit(row) if row else None
+
+    def log(self, dataset: str, limit: int | None = None) -> list[Commit]:
+        sql = "SELECT * FROM commits WHERE dataset = ? ORDER BY created DESC, id DESC"
+        params: tuple = (dataset,)
+        if limit:
+            sql += " LIMIT ?"
+            params += (limit,)
+        return [self._commit(r) for r in self.conn.execute(sql, params)]
+
+    def tag(self, dataset: str, name: str) -> tuple[str, str | None] | None:
+        row = self.conn.execute("SELECT commit_id, etag FROM tags WHERE dataset = ? AND name = ?", (dataset, name)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def tags(self, dataset: str) -> list[Tag]:
+        rows = self.conn.execute("SELECT name, commit_id FROM tags WHERE dataset = ? ORDER BY name", (dataset,))
+        return [Tag(dataset, r[0], r[1]) for r in rows]
+
+    def tags_of(self, commit_id: str) -> tuple[str, ...]:
+        rows = self.conn.execute("SELECT name FROM tags WHERE commit_id = ? ORDER BY name", (commit_id,))
+        return tuple(r[0] for r in rows)
+
+    def count_commits(self, dataset: str) -> int:
+        return self.conn.execute("SELECT count(*) FROM commits WHERE dataset = ?", (dataset,)).fetchone()[0]
+
+    def _commit(self, row: sqlite3.Row | tuple) -> Commit:
+        (cid, dataset, manifest, files, nbytes, parents, author, host, message, created, derived, transform) = row
+        return Commit(
+            id=cid,
+            dataset=dataset,
+            manifest=manifest,
+            files=files,
+            bytes=nbytes,
+            parents=tuple(json.loads(parents)),
+            author=author or "",
+            host=host or "",
+            message=message or "",
+            created=created,
+            derived_from=tuple(json.loads(derived or "[]")),
+            transform=transform,
+            tags=self.tags_of(cid),
+        )
+
+    def clear_index(self) -> None:
+        """Forget everything that is rebuilt from the lake and the sites (keeps the audit trail)."""
+        for table in ("datasets", "commits", "tags", "cache_entries"):
+            self.conn.execute(f"DELETE FROM {table}")
+
+    # -- cache entries -----------------------------------------------------------------------
+    def add_cache_entry(self, entry: CacheEntry) -> None:
+        self.db["cache_entries"].upsert(
+            {
+                "site": entry.site,
+                "commit_id": entry.commit,
+                "dataset": entry.dataset,
+                "path": entry.path,
+                "files": entry.files,
+                "bytes": entry.bytes,
+                "cached_at": entry.cached_at,
+            },
+            pk=("site", "commit_id"),
+        )
+
+    def remove_cache_entry(self, site: str, commit_id: str) -> None:
+        self.conn.execute("DELETE FROM cache_entries WHERE site = ? AND commit_id = ?", (site, commit_id))
+
+    def cache_entries(self, site: str | None = None) -> list[dict]:
+        sql = "SELECT site, commit_id, dataset, path, files, bytes, cached_at FROM cache_entries"
+        params: tuple = ()
+        if site:
+            sql += " WHERE site = ?"
+            params = (site,)
+        cols = ("site", "commit", "dataset", "path", "files", "bytes", "cached_at")
+        return [dict(zip(cols, r, strict=True)) for r in self.conn.execute(sql + " ORDER BY site, cached_at", params)]
+
+    # -- audit -------------------------------------------------------------------------------
+    def audit(
+        self,
+        action: str,
+        *,
+        dataset: str | None = None,
+        commit: str | None = None,
+        ref: str | None = None,
+        site: str | None = None,
+        **details: object,
+    ) -> None:
+        """Append one event; each event's hash covers the previous one's (a hash chain)."""
+        with self.transaction():
+            row = self.conn.execute("SELECT hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+            prev = row[0] if row else "0" * 64
+            event = {
+                "time": now_iso(),
+                "user": current_user(),
+                "host": HOST,
+                "action": action,
+                "dataset": dataset,
+                "commit": commit,
+                "ref": ref,
+                "site": site,
+                "details": details,
+            }
+            digest = hashlib.sha256(prev.encode() + canonical_json(event)).hexdigest()
+            self.conn.execute(
+                "INSERT INTO audit (time, user, host, action, dataset, commit_id, ref, site, details, prev, hash)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    event["time"],
+                    event["user"],
+                    HOST,
+                    action,
+                    dataset,
+                    commit,
+                    ref,
+                    site,
+                    json.dumps(details, sort_keys=True),
+                    prev,
+                    digest,
+                ),
+            )
+
+    def audit_events(self, *, dataset: str | None = None, action: str | None = None) -> Iterator[dict]:
+        sql = "SELECT seq, time, user, host, action, dataset, commit_id, ref, site, details FROM audit WHERE 1=1"
+        params: list = []
+        if dataset:
+            sql += " AND dataset = ?"
+            params.append(dataset)
+        if action:
+            sql += " AND action = ?"
+            params.append(action)
+        cols = ("seq", "time", "user", "host", "action", "dataset", "commit", "ref", "site", "details")
+        for row in self.conn.execute(sql + " ORDER BY seq", params):
+            event = dict(zip(cols, row, strict=True))
+            event["details"] = json.loads(event["details"])
+            yield event
+
+
+class _Tx:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.depth_started = False
+
+    def __enter__(self) -> sqlite3.Connection:
+        if not self.conn.in_transaction:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.depth_started = True
+        return self.conn
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if not self.depth_started:
+            return
+        if exc_type is None:
+            self.conn.execute("COMMIT")
+        else:
+            self.conn.execute("ROLLBACK")
+
+
+__all__ = ["Catalog", "CachehubError"]

@@ -1,0 +1,167 @@
+"""The one place that reads the environment and the configuration file.
+
+Precedence, highest first: explicit keyword arguments, environment variables, ``config.toml``
+under ``CACHEHUB_HOME``, built-in defaults (the embedded default: a local-directory lake and a
+site called ``local``, both under ``CACHEHUB_HOME``).
+
+Environment variables:
+    CACHEHUB_HOME          state directory (default ``$XDG_DATA_HOME/cachehub`` or ``~/.local/share/cachehub``)
+    CACHEHUB_CONFIG        configuration file (default ``$CACHEHUB_HOME/config.toml``)
+    CACHEHUB_LAKE          lake URL (``/path``, ``file:///path`` or ``s3://bucket/prefix``)
+    CACHEHUB_ENDPOINT_URL  S3 endpoint for non-AWS servers (StorageGRID, MinIO, SeaweedFS...)
+    CACHEHUB_SITE          default site name
+    CACHEHUB_JOBS          concurrent transfers (default 64)
+
+Credentials are never read here: S3 uses the standard AWS chain and nothing is written back.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .errors import ConfigError, SiteNotFoundError
+from .fsutil import atomic_write
+from .model import Site
+from .refs import validate_dataset_name
+
+CONFIG_FORMAT_VERSION = 1
+DEFAULT_SITE = "local"
+DEFAULT_JOBS = 64
+LINK_MODES = ("auto", "hardlink", "symlink", "copy")
+
+
+def default_home() -> Path:
+    env = os.environ.get("CACHEHUB_HOME")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
+    return base / "cachehub"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything cachehub needs to know about where things are."""
+
+    home: Path
+    lake_url: str
+    endpoint_url: str | None = None
+    region: str | None = None
+    default_site: str = DEFAULT_SITE
+    sites: dict[str, Site] = field(default_factory=dict)
+    jobs: int = DEFAULT_JOBS
+    config_path: Path | None = None
+
+    @property
+    def catalog_path(self) -> Path:
+        return self.home / "catalog.db"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.home / "tmp"
+
+    @property
+    def manifest_cache(self) -> Path:
+        return self.home / "manifests"
+
+    def site(self, name: str | None = None) -> Site:
+        """The named site, or the default one; raise SiteNotFoundError naming the fix."""
+        name = name or self.default_site
+        try:
+            return self.sites[name]
+        except KeyError:
+            known = ", ".join(sorted(self.sites)) or "none"
+            raise SiteNotFoundError(
+                f"unknown site {name!r} (configured: {known}); add it with: cachehub site add {name} --root PATH",
+                site=name,
+            ) from None
+
+
+def load_settings(home: str | os.PathLike[str] | None = None, *, lake: str | None = None) -> Settings:
+    """Read settings from the environment and the configuration file (which may not exist)."""
+    home_path = Path(home).expanduser() if home is not None else default_home()
+    config_path = Path(os.environ.get("CACHEHUB_CONFIG") or home_path / "config.toml")
+    data: dict = {}
+    if config_path.exists():
+        try:
+            data = tomllib.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read {config_path}: {exc}; fix or remove it, then run cachehub init") from exc
+        version = data.get("format_version", CONFIG_FORMAT_VERSION)
+        if version != CONFIG_FORMAT_VERSION:
+            raise ConfigError(
+                f"{config_path} has format_version {version}; this cachehub reads {CONFIG_FORMAT_VERSION}: upgrade cachehub"
+            )
+    lake_section = data.get("lake", {})
+    lake_url = lake or os.environ.get("CACHEHUB_LAKE") or lake_section.get("url") or str(home_path / "lake")
+    endpoint = os.environ.get("CACHEHUB_ENDPOINT_URL") or lake_section.get("endpoint_url")
+    region = lake_section.get("region")
+    sites: dict[str, Site] = {}
+    for name, spec in data.get("sites", {}).items():
+        sites[name] = _site_from(name, spec, config_path)
+    if DEFAULT_SITE not in sites:
+        sites[DEFAULT_SITE] = Site(DEFAULT_SITE, str(home_path / "sites" / DEFAULT_SITE))
+    defaults = data.get("defaults", {})
+    default_site = os.environ.get("CACHEHUB_SITE") or defaults.get("site") or DEFAULT_SITE
+    jobs_text = os.environ.get("CACHEHUB_JOBS") or defaults.get("jobs") or DEFAULT_JOBS
+    try:
+        jobs = max(1, int(jobs_text))
+    except ValueError:
+        raise ConfigError(f"CACHEHUB_JOBS must be a whole number, not {jobs_text!r}") from None
+    return Settings(
+        home=home_path,
+        lake_url=lake_url,
+        endpoint_url=endpoint,
+        region=region,
+        default_site=default_site,
+        sites=sites,
+        jobs=jobs,
+        config_path=config_path,
+    )
+
+
+def _site_from(name: str, spec: dict, where: Path) -> Site:
+    try:
+        validate_dataset_name(name)
+    except Exception:
+        raise ConfigError(f"{where}: invalid site name {name!r}") from None
+    if not isinstance(spec, dict) or "root" not in spec:
+        raise ConfigError(f"{where}: site {name!r} needs a root = \"/path\"")
+    link = spec.get("link", "auto")
+    if link not in LINK_MODES:
+        raise ConfigError(f"{where}: site {name!r} has link = {link!r}; use one of {', '.join(LINK_MODES)}")
+    return Site(name=name, root=str(Path(spec["root"]).expanduser()), link=link)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def save_settings(settings: Settings) -> Path:
+    """Write ``settings`` to its configuration file atomically; return the path."""
+    path = settings.config_path or settings.home / "config.toml"
+    lines = [f"format_version = {CONFIG_FORMAT_VERSION}", "", "[lake]", f"url = {_toml_value(settings.lake_url)}"]
+    if settings.endpoint_url:
+        lines.append(f"endpoint_url = {_toml_value(settings.endpoint_url)}")
+    if settings.region:
+        lines.append(f"region = {_toml_value(settings.region)}")
+    lines += ["", "[defaults]", f"site = {_toml_value(settings.default_site)}", f"jobs = {settings.jobs}"]
+    for site in sorted(settings.sites.values(), key=lambda s: s.name):
+        lines += ["", f"[sites.{site.name}]", f"root = {_toml_value(site.root)}", f"link = {_toml_value(site.link)}"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, ("\n".join(lines) + "\n").encode("utf-8"))
+    return path
+
+
+def with_site(settings: Settings, site: Site) -> Settings:
+    sites = dict(settings.sites)
+    sites[site.name] = site
+    return replace(settings, sites=sites)

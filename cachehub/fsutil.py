@@ -1,0 +1,60 @@
+"""Small filesystem helpers shared by the local lake and the site store."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import uuid
+from pathlib import Path
+
+HOST = socket.gethostname()
+
+
+def unique_suffix() -> str:
+    """A name part no other process on any host sharing this filesystem will produce."""
+    return f"{HOST}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644, exclusive: bool = False) -> None:
+    """Write ``data`` to ``path`` via a same-directory temp file and one atomic rename.
+
+    With ``exclusive`` the final step is ``link`` instead of ``rename``, so it fails with
+    FileExistsError if ``path`` exists: an atomic create-if-absent, safe on NFS.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{unique_suffix()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+        if exclusive:
+            os.link(tmp, path)
+        else:
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def sha256_file(path: str | os.PathLike[str], *, block: int = 1 << 20) -> str:
+    """SHA-256 (hex) of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as fh:
+        buf = bytearray(block)
+        view = memoryview(buf)
+        while n := fh.readinto(buf):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"

@@ -1,0 +1,136 @@
+"""Manifests: the sorted list of (sha256, size, path) of one commit, streamed, never held whole.
+
+On disk and in the lake a manifest is gzip-compressed UTF-8 text, one line per file, sorted by
+path bytewise::
+
+    #cachehub-manifest format_version=1
+    <sha256 hex>\\t<size>\\t<path>
+
+Its identity is the SHA-256 of the *uncompressed* text, so the compression level never changes
+an id. Readers validate every line (hash shape, size, path safety, order), so a hostile or
+corrupt manifest fails before anything is written from it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from .errors import FormatError, UnsafePathError
+from .model import ManifestEntry
+from .paths import validate_path
+
+FORMAT_VERSION = 1
+HEADER = f"#cachehub-manifest format_version={FORMAT_VERSION}\n"
+_HEADER_RE = re.compile(r"#cachehub-manifest format_version=(\d+)\n?")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+class ManifestWriter:
+    """Write a manifest to ``path`` from entries given in sorted order; computes its id."""
+
+    def __init__(self, path: str | os.PathLike[str], *, compresslevel: int = 1) -> None:
+        self.path = Path(path)
+        self._raw = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+        self._gz = gzip.GzipFile(fileobj=self._raw, mode="wb", compresslevel=compresslevel, mtime=0)
+        self._text = io.TextIOWrapper(self._gz, encoding="utf-8", newline="\n", write_through=False)
+        self._hash = hashlib.sha256()
+        self._last: str | None = None
+        self.files = 0
+        self.bytes = 0
+        self._buf: list[str] = []
+        self._emit(HEADER)
+
+    def _emit(self, line: str) -> None:
+        self._buf.append(line)
+        if len(self._buf) >= 4096:
+            self._flush()
+
+    def _flush(self) -> None:
+        chunk = "".join(self._buf)
+        self._buf.clear()
+        self._hash.update(chunk.encode("utf-8"))
+        self._text.write(chunk)
+
+    def add(self, entry: ManifestEntry) -> None:
+        """Append one entry; raise if out of order or duplicated (the caller's bug or a collision)."""
+        if self._last is not None and entry.path <= self._last:
+            if entry.path == self._last:
+                raise UnsafePathError(
+                    f"duplicate path {entry.path!r} (two names that normalise to the same text?)", path=entry.path
+                )
+            raise ValueError(f"manifest entries out of order: {entry.path!r} after {self._last!r}")
+        self._last = entry.path
+        self.files += 1
+        self.bytes += entry.size
+        self._emit(f"{entry.sha256}\t{entry.size}\t{entry.path}\n")
+
+    def close(self) -> str:
+        """Finish the file and return the manifest id (SHA-256 of the uncompressed text)."""
+        self._flush()
+        self._text.close()
+        self._raw.close()
+        return self._hash.hexdigest()
+
+    def abort(self) -> None:
+        try:
+            self._text.close()
+            self._raw.close()
+        finally:
+            self.path.unlink(missing_ok=True)
+
+
+def write_manifest(path: str | os.PathLike[str], entries: Iterable[ManifestEntry]) -> tuple[str, int, int]:
+    """Write ``entries`` (sorted) to ``path``; return (manifest id, file count, total bytes)."""
+    writer = ManifestWriter(path)
+    try:
+        for entry in entries:
+            writer.add(entry)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close(), writer.files, writer.bytes
+
+
+def read_manifest(path: str | os.PathLike[str], *, validate: bool = True) -> Iterator[ManifestEntry]:
+    """Stream the entries of a manifest file, validating format, paths and order."""
+    with gzip.open(path, "rt", encoding="utf-8", newline="\n") as fh:
+        header = fh.readline()
+        match = _HEADER_RE.fullmatch(header)
+        if not match:
+            raise FormatError(f"{path} is not a cachehub manifest (bad header {header[:60]!r})")
+        version = int(match.group(1))
+        if version != FORMAT_VERSION:
+            raise FormatError(
+                f"manifest {path} has format_version {version}; this cachehub reads {FORMAT_VERSION}: upgrade cachehub"
+            )
+        last = ""
+        lineno = 1
+        for line in fh:
+            lineno += 1
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) != 3:
+                raise FormatError(f"manifest {path} line {lineno}: expected 3 tab-separated fields")
+            digest, size_text, rel = parts
+            if validate:
+                if not _HEX64.fullmatch(digest) or not size_text.isdigit():
+                    raise FormatError(f"manifest {path} line {lineno}: bad hash or size")
+                validate_path(rel)
+                if rel <= last:
+                    raise FormatError(f"manifest {path} line {lineno}: paths not sorted or duplicated at {rel!r}")
+                last = rel
+            yield ManifestEntry(rel, int(size_text), digest)
+
+
+def manifest_id_of_file(path: str | os.PathLike[str]) -> str:
+    """Recompute the id of a manifest file (SHA-256 of its uncompressed text)."""
+    digest = hashlib.sha256()
+    with gzip.open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

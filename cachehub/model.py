@@ -1,0 +1,148 @@
+"""Frozen values that cross module lines."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+def to_dict(value: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a model dataclass (tuples become lists)."""
+    return asdict(value)
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestEntry:
+    """One file of a commit: its relative path, size in bytes and SHA-256 (hex) of its bytes."""
+
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Commit:
+    """One immutable version of a dataset; ``id`` is the SHA-256 of its canonical JSON."""
+
+    id: str
+    dataset: str
+    manifest: str  # SHA-256 of the uncompressed manifest text
+    files: int
+    bytes: int
+    parents: tuple[str, ...]
+    author: str
+    host: str
+    message: str
+    created: str  # ISO 8601, UTC
+    derived_from: tuple[str, ...] = ()
+    transform: str | None = None
+    tags: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def short(self) -> str:
+        return self.id[:12]
+
+
+@dataclass(frozen=True)
+class DiffEntry:
+    """One path that differs between two manifests."""
+
+    path: str
+    change: str  # "added" | "removed" | "modified"
+    old_size: int | None
+    new_size: int | None
+
+
+@dataclass(frozen=True)
+class DiffStat:
+    added: int = 0
+    removed: int = 0
+    modified: int = 0
+    added_bytes: int = 0
+    removed_bytes: int = 0
+    modified_bytes: int = 0  # new size of modified files
+
+
+@dataclass(frozen=True)
+class PushResult:
+    dataset: str
+    commit: str | None  # None when nothing changed
+    created: bool
+    files: int
+    bytes: int
+    uploaded_files: int
+    uploaded_bytes: int
+    present_files: int
+    present_bytes: int
+    tag: str | None
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Tag:
+    dataset: str
+    name: str
+    commit: str
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    commits: int
+    latest: str | None
+    latest_created: str | None
+    tags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Site:
+    """A cache location near compute and its policy."""
+
+    name: str
+    root: str
+    link: str = "auto"  # auto | hardlink | symlink | copy
+
+
+@dataclass(frozen=True)
+class CacheResult:
+    dataset: str
+    commit: str
+    site: str
+    path: str
+    fetched_files: int
+    fetched_bytes: int
+    reused_files: int
+    reused_bytes: int
+    files: int
+    bytes: int
+    seconds: float
+    already_cached: bool
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One commit materialised at one site."""
+
+    site: str
+    commit: str
+    dataset: str
+    path: str
+    files: int
+    bytes: int
+    cached_at: str
+    last_used: str | None
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    dataset: str
+    commit: str
+    site: str
+    files: int
+    damaged: tuple[str, ...]
+    missing: tuple[str, ...]
+    repaired: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not (set(self.damaged) | set(self.missing)) - set(self.repaired)

@@ -1,0 +1,228 @@
+"""Publish a directory as a new commit of a dataset.
+
+Order of events, each step safe to kill:
+
+1. hash every file (threads) and write the manifest to a local temp file, streaming;
+2. upload every content object the lake lacks (content-addressed, so an upload that already
+   arrived before a crash is found by HEAD and not sent again);
+3. upload the manifest;
+4. write the commit document (create-only) -- only now does the commit exist;
+5. move the tag (compare-and-swap), then index the commit in the catalog and audit it.
+
+A commit therefore never points at content that is not in the lake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from .errors import ConflictError, IntegrityError
+from .fsutil import HOST, unique_suffix
+from .lake import COMMIT_FORMAT, COMMIT_FORMAT_VERSION, manifest_key, now_iso, object_key
+from .manifest import ManifestWriter, read_manifest
+from .model import Commit, ManifestEntry, PushResult
+from .progress import NULL, Progress
+from .refs import validate_dataset_name, validate_tag_name
+from .scan import hash_files, walk
+from .transfer import run
+
+if TYPE_CHECKING:
+    from .api import Hub
+
+SMALL_FILE = 4 * 1024 * 1024
+
+
+def push(
+    hub: Hub,
+    directory: str | os.PathLike[str],
+    dataset: str,
+    *,
+    message: str = "",
+    tag: str | None = None,
+    force: bool = False,
+    parent: str | None = None,
+    derived_from: tuple[str, ...] = (),
+    transform: str | None = None,
+    progress: Progress = NULL,
+    jobs: int | None = None,
+) -> PushResult:
+    """Publish ``directory`` as a new commit of ``dataset``; upload only what the lake lacks."""
+    started = time.monotonic()
+    validate_dataset_name(dataset)
+    if tag is not None:
+        validate_tag_name(tag)
+    if not os.path.isdir(directory):
+        raise NotADirectoryError(f"{directory} is not a directory; give the folder to publish")
+    jobs = jobs or hub.settings.jobs
+    lake = hub.lake
+    lake.ensure_initialised()
+    if hub.catalog.has_dataset(dataset) or lake.commit_ids(dataset):
+        hub.refresh(dataset)
+    if tag is not None and not force and hub.catalog.tag(dataset, tag) is not None:
+        raise ConflictError(
+            f"tag {dataset}@{tag} already exists; pick a new tag or pass --force to move it", dataset=dataset, tag=tag
+        )
+    parent_commit = hub.resolve_commit(parent) if parent else hub.catalog.latest(dataset)
+    inputs = tuple(hub.resolve_commit(ref).id for ref in derived_from)
+
+    tmp = hub.settings.tmp_dir
+    tmp.mkdir(parents=True, exist_ok=True)
+    manifest_tmp = tmp / f"manifest.{unique_suffix()}.tsv.gz"
+    todo_tmp = tmp / f"upload.{unique_suffix()}.tsv"
+    try:
+        manifest_id, files, nbytes, candidates = _hash_and_list(
+            hub, directory, parent_commit, manifest_tmp, todo_tmp, progress, jobs
+        )
+        if parent_commit is not None and manifest_id == parent_commit.manifest and not inputs:
+            if tag is not None:
+                hub.tag(f"{dataset}@{parent_commit.id}", tag, force=force)
+            return PushResult(dataset, parent_commit.id, False, files, nbytes, 0, 0, files, nbytes, tag, time.monotonic() - started)
+        uploaded_files, uploaded_bytes = _upload(hub, todo_tmp, candidates, progress, jobs)
+        if not lake.backend.exists(manifest_key(manifest_id)):
+            lake.backend.write(manifest_key(manifest_id), manifest_tmp.read_bytes())
+        cached = hub.settings.manifest_cache / manifest_id[:2] / f"{manifest_id}.tsv.gz"
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(manifest_tmp, cached)
+    finally:
+        manifest_tmp.unlink(missing_ok=True)
+        todo_tmp.unlink(missing_ok=True)
+
+    fields = {
+        "format": COMMIT_FORMAT,
+        "format_version": COMMIT_FORMAT_VERSION,
+        "dataset": dataset,
+        "manifest": manifest_id,
+        "files": files,
+        "bytes": nbytes,
+        "parents": [parent_commit.id] if parent_commit else [],
+        "author": hub.user,
+        "host": HOST,
+        "message": message,
+        "created": now_iso(),
+        "derived_from": list(inputs),
+        "transform": transform,
+    }
+    commit = lake.write_commit(fields)
+    with hub.catalog.transaction():
+        hub.catalog.add_commits([commit])
+        hub.catalog.touch_dataset(dataset)
+        hub.catalog.audit(
+            "push",
+            dataset=dataset,
+            commit=commit.id,
+            files=files,
+            bytes=nbytes,
+            uploaded_files=uploaded_files,
+            uploaded_bytes=uploaded_bytes,
+            parents=list(commit.parents),
+            derived_from=list(inputs),
+            transform=transform,
+            lake=hub.lake.url,
+        )
+    if tag is not None:
+        hub.tag(f"{dataset}@{commit.id}", tag, force=force)
+    return PushResult(
+        dataset=dataset,
+        commit=commit.id,
+        created=True,
+        files=files,
+        bytes=nbytes,
+        uploaded_files=uploaded_files,
+        uploaded_bytes=uploaded_bytes,
+        present_files=files - uploaded_files,
+        present_bytes=nbytes - uploaded_bytes,
+        tag=tag,
+        seconds=time.monotonic() - started,
+    )
+
+
+def _hash_and_list(
+    hub: Hub,
+    directory: str | os.PathLike[str],
+    parent: Commit | None,
+    manifest_path: os.PathLike[str],
+    todo_path: os.PathLike[str],
+    progress: Progress,
+    jobs: int,
+) -> tuple[str, int, int, int]:
+    """Write the manifest; list (sha, size, abspath) of files whose content may be new.
+
+    Content at the same path with the same hash in the parent commit is known to be in the
+    lake (a commit is written only after its objects) and is not listed.
+    """
+    parent_entries: Iterator[ManifestEntry] = iter(())
+    if parent is not None:
+        parent_entries = read_manifest(hub.manifest_path(parent.manifest))
+    prev = next(parent_entries, None)
+    writer = ManifestWriter(manifest_path)
+    candidates = 0
+    progress.start("hash")
+    try:
+        with open(todo_path, "w", encoding="utf-8") as todo:
+            hashed = hash_files(walk(directory), jobs=max(2, min(8, os.cpu_count() or 2)))
+            for found, entry in hashed:
+                writer.add(entry)
+                progress.advance(1, entry.size)
+                while prev is not None and prev.path < entry.path:
+                    prev = next(parent_entries, None)
+                if prev is not None and prev.path == entry.path and prev.sha256 == entry.sha256:
+                    continue
+                candidates += 1
+                todo.write(f"{entry.sha256}\t{entry.size}\t{found.mtime_ns}\t{found.abspath}\n")
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        progress.finish()
+    return writer.close(), writer.files, writer.bytes, candidates
+
+
+def _upload(hub: Hub, todo_path: os.PathLike[str], candidates: int, progress: Progress, jobs: int) -> tuple[int, int]:
+    backend = hub.lake.backend
+    seen: set[bytes] = set()
+    counts = [0, 0]
+
+    def items() -> Iterator[tuple[str, int, int, str]]:
+        with open(todo_path, encoding="utf-8") as fh:
+            for line in fh:
+                sha, size, mtime, path = line.rstrip("\n").split("\t", 3)
+                key = bytes.fromhex(sha)
+                if key in seen:
+                    progress.advance(1, 0)
+                    continue
+                seen.add(key)
+                yield sha, int(size), int(mtime), path
+
+    async def one(item: tuple[str, int, int, str]) -> None:
+        sha, size, mtime, path = item
+        key = object_key(sha)
+        if await backend.aexists(key):
+            progress.advance(1, 0)
+            return
+        data = await asyncio.to_thread(_read_checked, path, sha, size, mtime) if size > SMALL_FILE else _read_checked(path, sha, size, mtime)
+        await backend.aput(key, data, sha256=sha)
+        counts[0] += 1
+        counts[1] += size
+        progress.advance(1, size)
+
+    progress.start("upload", total_files=candidates)
+    try:
+        run(items(), one, jobs=jobs)
+    finally:
+        progress.finish()
+    return counts[0], counts[1]
+
+
+def _read_checked(path: str, sha: str, size: int, mtime_ns: int) -> bytes:
+    """The file's bytes, refusing a file that changed since it was hashed."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+        st = os.fstat(fh.fileno())
+    if len(data) != size or st.st_mtime_ns != mtime_ns or hashlib.sha256(data).hexdigest() != sha:
+        raise IntegrityError(f"{path} changed while it was being pushed; re-run the push when it is stable", path=path)
+    return data

@@ -1,0 +1,1 @@
+"""The ``cachehub`` command line (a thin Typer layer over ``cachehub.api``)."""

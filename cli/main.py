@@ -1,0 +1,422 @@
+"""The ``cachehub`` command: parse, call one library method, format. No logic lives here.
+
+Library errors become one line on stderr and the error's exit code (docs/cli.md lists them);
+``CACHEHUB_DEBUG=1`` shows the traceback instead. Every listing takes ``--json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+import typer
+
+if TYPE_CHECKING:
+    from cachehub.api import Hub
+
+app = typer.Typer(
+    name="cachehub",
+    help="Cache and version ML datasets: an S3 data lake of immutable commits, delta copies to site caches.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+site_app = typer.Typer(help="Manage sites: cache roots near compute.", no_args_is_help=True)
+catalog_app = typer.Typer(help="Manage the local catalog (an index of the lake).", no_args_is_help=True)
+app.add_typer(site_app, name="site")
+app.add_typer(catalog_app, name="catalog")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+SiteOpt = Annotated[Optional[str], typer.Option("--site", "-s", help="Site name (default: the configured default site).")]  # noqa: UP007
+JobsOpt = Annotated[Optional[int], typer.Option("--jobs", "-j", help="Transfers in flight (default 64).")]  # noqa: UP007
+
+
+def _hub() -> Hub:
+    from cachehub.api import Hub
+
+    return Hub()
+
+
+def _emit(value: Any) -> None:
+    from cachehub.model import to_dict
+
+    def conv(v: Any) -> Any:
+        if hasattr(v, "__dataclass_fields__"):
+            return to_dict(v)
+        return v
+
+    if isinstance(value, list):
+        value = [conv(v) for v in value]
+    typer.echo(json.dumps(conv(value), indent=2, default=str))
+
+
+def _progress(enabled: bool) -> Any:
+    if not enabled or not sys.stderr.isatty():
+        from cachehub.progress import NULL
+
+        return NULL
+    from .progress import RichProgress
+
+    return RichProgress()
+
+
+def _size(n: int | None) -> str:
+    from cachehub.fsutil import human_bytes
+
+    return "-" if n is None else human_bytes(n)
+
+
+# -- setup ---------------------------------------------------------------------------------
+@app.command()
+def init(
+    lake: Annotated[Optional[str], typer.Option(help="Lake URL: a directory, file:///path or s3://BUCKET/PREFIX.")] = None,  # noqa: UP007
+    endpoint_url: Annotated[Optional[str], typer.Option(help="S3 endpoint for non-AWS servers.")] = None,  # noqa: UP007
+    region: Annotated[Optional[str], typer.Option(help="S3 region.")] = None,  # noqa: UP007
+    json_out: JsonOpt = False,
+) -> None:
+    """Write the configuration and create the catalog (defaults: local lake, site 'local')."""
+    from cachehub.api import init
+
+    result = init(lake=lake, endpoint_url=endpoint_url, region=region)
+    if json_out:
+        _emit(result)
+    else:
+        typer.echo(f"config  {result['config']}\ncatalog {result['catalog']}\nlake    {result['lake']}")
+        typer.echo(f"site    {result['site']} -> {result['site_root']}")
+
+
+# -- publishing ------------------------------------------------------------------------------
+@app.command()
+def push(
+    directory: Annotated[str, typer.Argument(help="Directory to publish.")],
+    dataset: Annotated[str, typer.Argument(help="Dataset name, e.g. chest-xray.")],
+    message: Annotated[str, typer.Option("--message", "-m", help="Commit message.")] = "",
+    tag: Annotated[Optional[str], typer.Option(help="Tag the new commit, e.g. v3.")] = None,  # noqa: UP007
+    parent: Annotated[Optional[str], typer.Option(help="Parent commit (default: the dataset's latest).")] = None,  # noqa: UP007
+    derived_from: Annotated[Optional[list[str]], typer.Option("--derived-from", help="Input dataset@ref this was made from (repeatable).")] = None,  # noqa: UP007
+    transform: Annotated[Optional[str], typer.Option(help="What made it, e.g. resize.py@<git sha>.")] = None,  # noqa: UP007
+    force: Annotated[bool, typer.Option("--force", help="Move --tag if it exists.")] = False,
+    jobs: JobsOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Publish DIRECTORY as a new commit of DATASET, uploading only content the lake lacks."""
+    with _hub() as hub:
+        result = hub.push(
+            directory,
+            dataset,
+            message=message,
+            tag=tag,
+            parent=parent,
+            derived_from=tuple(derived_from or ()),
+            transform=transform,
+            force=force,
+            jobs=jobs,
+            progress=_progress(not json_out),
+        )
+    if json_out:
+        _emit(result)
+        return
+    if not result.created:
+        typer.echo(f"{dataset}: nothing changed since {result.commit[:12]}; no commit created, nothing uploaded")  # type: ignore[index]
+        if result.tag:
+            typer.echo(f"tagged {dataset}@{result.tag} -> {result.commit[:12]}")  # type: ignore[index]
+        return
+    tag_note = f" tagged {result.tag}" if result.tag else ""
+    typer.echo(
+        f"{dataset}@{result.commit[:12]}{tag_note}: {result.files} files ({_size(result.bytes)}), "  # type: ignore[index]
+        f"uploaded {result.uploaded_files} ({_size(result.uploaded_bytes)}), "
+        f"already in lake {result.present_files} ({_size(result.present_bytes)}) in {result.seconds:.1f}s"
+    )
+
+
+@app.command()
+def tag(
+    ref: Annotated[str, typer.Argument(help="Commit to tag: NAME@<commit id prefix> or NAME@TAG.")],
+    name: Annotated[str, typer.Argument(help="Tag name, e.g. v3.")],
+    force: Annotated[bool, typer.Option("--force", help="Move the tag if it points elsewhere.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Point tag NAME at a commit (compare-and-swap in the lake)."""
+    with _hub() as hub:
+        result = hub.tag(ref, name, force=force)
+    if json_out:
+        _emit(result)
+    else:
+        typer.echo(f"{result.dataset}@{result.name} -> {result.commit[:12]}")
+
+
+# -- browsing --------------------------------------------------------------------------------
+@app.command()
+def datasets(json_out: JsonOpt = False) -> None:
+    """List datasets with their commit count, newest commit and tags."""
+    with _hub() as hub:
+        rows = hub.datasets()
+    if json_out:
+        _emit(rows)
+        return
+    if not rows:
+        typer.echo("no datasets yet; publish one with: cachehub push DIR NAME")
+    for d in rows:
+        tags = ",".join(d.tags) or "-"
+        typer.echo(f"{d.name:30} {d.commits:5} commits  latest {(d.latest or '')[:12]}  {d.latest_created or ''}  tags {tags}")
+
+
+@app.command()
+def log(
+    dataset: Annotated[str, typer.Argument(help="Dataset name.")],
+    limit: Annotated[Optional[int], typer.Option("--limit", "-n", help="Show at most N commits.")] = None,  # noqa: UP007
+    json_out: JsonOpt = False,
+) -> None:
+    """List a dataset's commits, newest first."""
+    with _hub() as hub:
+        commits = hub.log(dataset, limit=limit)
+    if json_out:
+        _emit(commits)
+        return
+    for c in commits:
+        tags = f" ({', '.join(c.tags)})" if c.tags else ""
+        typer.echo(f"{c.short}{tags}  {c.created}  {c.author}  {c.files} files {_size(c.bytes)}  {c.message}")
+
+
+@app.command()
+def show(ref: Annotated[str, typer.Argument(help="NAME@REF")], json_out: JsonOpt = False) -> None:
+    """Show one commit: metadata, size, file count, parents, tags."""
+    with _hub() as hub:
+        c = hub.show(ref)
+    if json_out:
+        body = {"commit": c.id}
+        from cachehub.model import to_dict
+
+        body.update({k: v for k, v in to_dict(c).items() if k != "id"})
+        _emit(body)
+        return
+    typer.echo(f"commit   {c.id}\ndataset  {c.dataset}\ntags     {', '.join(c.tags) or '-'}")
+    typer.echo(f"created  {c.created} by {c.author}@{c.host}\nfiles    {c.files}\nsize     {_size(c.bytes)} ({c.bytes} bytes)")
+    typer.echo(f"parents  {', '.join(p[:12] for p in c.parents) or '-'}\nmanifest {c.manifest}")
+    if c.derived_from:
+        typer.echo(f"derived  {', '.join(p[:12] for p in c.derived_from)}  transform {c.transform or '-'}")
+    typer.echo(f"message  {c.message}")
+
+
+@app.command()
+def ls(
+    ref: Annotated[str, typer.Argument(help="NAME@REF")],
+    subpath: Annotated[str, typer.Argument(help="Only files under this path.")] = "",
+    long: Annotated[bool, typer.Option("--long", "-l", help="Show size and hash.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """List the files of a commit."""
+    with _hub() as hub:
+        entries = hub.ls(ref, subpath)
+        if json_out:
+            _emit(list(entries))
+            return
+        for e in entries:
+            typer.echo(f"{e.size:>12} {e.sha256[:12]}  {e.path}" if long else e.path)
+
+
+@app.command()
+def diff(
+    old: Annotated[str, typer.Argument(help="NAME@REF (before)")],
+    new: Annotated[str, typer.Argument(help="NAME@REF (after)")],
+    stat: Annotated[bool, typer.Option("--stat", help="Only counts and bytes.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Show files added, removed and modified between two commits."""
+    from cachehub import diff as diffmod
+
+    with _hub() as hub:
+        changes = hub.diff(old, new)
+        if stat:
+            s = diffmod.stat(changes)
+            if json_out:
+                _emit(s)
+            else:
+                typer.echo(
+                    f"{s.added} added ({_size(s.added_bytes)}), {s.removed} removed ({_size(s.removed_bytes)}), "
+                    f"{s.modified} modified ({_size(s.modified_bytes)})"
+                )
+            return
+        if json_out:
+            _emit(list(changes))
+            return
+        mark = {"added": "+", "removed": "-", "modified": "M"}
+        for ch in changes:
+            sizes = _size(ch.new_size) if ch.change == "added" else _size(ch.old_size) if ch.change == "removed" else f"{_size(ch.old_size)} -> {_size(ch.new_size)}"
+            typer.echo(f"{mark[ch.change]} {ch.path}  {sizes}")
+
+
+# -- caching ---------------------------------------------------------------------------------
+@app.command()
+def cache(
+    ref: Annotated[str, typer.Argument(help="NAME@REF to cache.")],
+    site: SiteOpt = None,
+    jobs: JobsOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Materialise a commit at a site, fetching only content the site lacks; print its path."""
+    with _hub() as hub:
+        r = hub.cache(ref, site=site, jobs=jobs, progress=_progress(not json_out))
+    if json_out:
+        _emit(r)
+        return
+    if r.already_cached:
+        typer.echo(f"{r.dataset}@{r.commit[:12]} already cached at {r.site}; nothing fetched", err=True)
+    else:
+        rate = r.fetched_bytes / r.seconds if r.seconds else 0
+        typer.echo(
+            f"{r.dataset}@{r.commit[:12]} cached at {r.site}: fetched {r.fetched_files} objects ({_size(r.fetched_bytes)}), "
+            f"reused {r.reused_files} files ({_size(r.reused_bytes)}) in {r.seconds:.1f}s ({_size(rate)}/s)",
+            err=True,
+        )
+    typer.echo(r.path)
+
+
+@app.command()
+def path(ref: Annotated[str, typer.Argument(help="NAME@REF")], site: SiteOpt = None) -> None:
+    """Print the local path of a cached commit (exit 3 if it is not cached)."""
+    with _hub() as hub:
+        typer.echo(str(hub.resolve(ref, site=site)))
+
+
+@app.command()
+def status(site: SiteOpt = None, json_out: JsonOpt = False) -> None:
+    """Per site: cached commits, their sizes, shared bytes, filesystem space."""
+    with _hub() as hub:
+        rows = hub.status(site)
+    if json_out:
+        _emit(rows)
+        return
+    for s in rows:
+        typer.echo(
+            f"site {s['site']}  {s['root']}  link={s['link']}  fs free {_size(s['fs_free'])} of {_size(s['fs_total'])}"
+        )
+        typer.echo(
+            f"  {len(s['commits'])} commits, {_size(s['logical_bytes'])} as seen by readers, "
+            f"{_size(s['object_bytes'])} on disk ({_size(s['shared_bytes'])} shared)"
+        )
+        for c in s["commits"]:
+            typer.echo(f"  {c['dataset']}@{c['commit'][:12]}  {c['files']} files  {_size(c['bytes'])}  last used {c['last_used'] or '-'}")
+
+
+@app.command()
+def verify(
+    ref: Annotated[str, typer.Argument(help="NAME@REF")],
+    site: SiteOpt = None,
+    repair: Annotated[bool, typer.Option("--repair", help="Re-fetch damaged or missing files from the lake.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Re-hash a cached commit against its manifest (exit 9 if damaged and not repaired)."""
+    with _hub() as hub:
+        r = hub.verify(ref, site=site, repair=repair, progress=_progress(not json_out))
+    if json_out:
+        body = {**_asdict(r), "ok": r.ok}
+        _emit(body)
+    else:
+        for p in r.damaged:
+            typer.echo(f"damaged  {p}{'  (repaired)' if p in r.repaired else ''}")
+        for p in r.missing:
+            typer.echo(f"missing  {p}{'  (repaired)' if p in r.repaired else ''}")
+        typer.echo(f"{r.dataset}@{r.commit[:12]} at {r.site}: {r.files} files, {'OK' if r.ok else 'DAMAGED: run with --repair'}")
+    if not r.ok:
+        raise typer.Exit(9)
+
+
+def _asdict(value: Any) -> dict:
+    from cachehub.model import to_dict
+
+    return to_dict(value)
+
+
+# -- sites -----------------------------------------------------------------------------------
+@site_app.command("add")
+def site_add(
+    name: Annotated[str, typer.Argument(help="Site name, e.g. gpu-a.")],
+    root: Annotated[str, typer.Option("--root", help="Cache root (an NFS export or any POSIX path).")],
+    link: Annotated[str, typer.Option("--link", help="auto | hardlink | symlink | copy")] = "auto",
+    json_out: JsonOpt = False,
+) -> None:
+    """Add a site."""
+    with _hub() as hub:
+        s = hub.site_add(name, root, link=link)
+    if json_out:
+        _emit(s)
+    else:
+        typer.echo(f"site {s.name} -> {s.root} (link {s.link})")
+
+
+@site_app.command("list")
+def site_list(json_out: JsonOpt = False) -> None:
+    """List sites."""
+    with _hub() as hub:
+        sites = hub.sites()
+        default = hub.settings.default_site
+    if json_out:
+        _emit([{**_asdict(s), "default": s.name == default} for s in sites])
+        return
+    for s in sites:
+        typer.echo(f"{'*' if s.name == default else ' '} {s.name:20} {s.root}  (link {s.link})")
+
+
+@site_app.command("show")
+def site_show(name: Annotated[str, typer.Argument(help="Site name.")], json_out: JsonOpt = False) -> None:
+    """Show a site's root, link mode and cached commits."""
+    with _hub() as hub:
+        hub.settings.site(name)
+        rows = hub.status(name)
+    if json_out:
+        _emit(rows[0])
+        return
+    s = rows[0]
+    typer.echo(f"site   {s['site']}\nroot   {s['root']}\nlink   {s['link']}\nfree   {_size(s['fs_free'])}")
+    typer.echo(f"cached {len(s['commits'])} commits, {_size(s['object_bytes'])} on disk")
+    for c in s["commits"]:
+        typer.echo(f"  {c['dataset']}@{c['commit'][:12]}  {c['files']} files  {_size(c['bytes'])}")
+
+
+@catalog_app.command("rebuild")
+def catalog_rebuild(json_out: JsonOpt = False) -> None:
+    """Rebuild the catalog from the lake and the site roots (the audit trail is kept)."""
+    with _hub() as hub:
+        counts = hub.rebuild_catalog()
+    if json_out:
+        _emit(counts)
+    else:
+        typer.echo(", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
+
+
+def main() -> None:
+    """Entry point: run the app, turning library errors into one line and an exit code."""
+    import click
+
+    from cachehub.errors import CachehubError
+
+    try:
+        app(standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except CachehubError as exc:
+        if os.environ.get("CACHEHUB_DEBUG") == "1":
+            raise
+        typer.echo(f"cachehub: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except (OSError, ValueError) as exc:
+        if os.environ.get("CACHEHUB_DEBUG") == "1":
+            raise
+        typer.echo(f"cachehub: error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; nothing half-done was published, re-run to resume", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
