@@ -35,6 +35,7 @@ class Hub:
         self.settings = settings or load_settings(home)
         self._lake: Lake | None = None
         self._catalog: Catalog | None = None
+        self._rebuilding = False
         self.user = current_user()
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -46,13 +47,27 @@ class Hub:
             backend = open_backend(
                 self.settings.lake_url, endpoint_url=self.settings.endpoint_url, region=self.settings.region
             )
-            self._lake = Lake(backend)
+            lake = Lake(backend)
+            lake.check_readable()  # refuse a lake written by a newer cachehub, once per process
+            self._lake = lake
         return self._lake
 
     @property
     def catalog(self) -> Catalog:
+        """The catalog, refusing one that indexes a different lake than the configured one."""
         if self._catalog is None:
-            self._catalog = Catalog(self.settings.catalog_path)
+            catalog = Catalog(self.settings.catalog_path)
+            indexed = catalog.get_meta("lake")
+            wanted = lake_identity(self.settings.lake_url)
+            if indexed is None:
+                catalog.set_meta("lake", wanted)
+            elif indexed != wanted and not self._rebuilding:
+                catalog.close()
+                raise ConfigError(
+                    f"the catalog {self.settings.catalog_path} indexes the lake {indexed}, not {wanted}; "
+                    "run cachehub catalog rebuild to re-index for this lake, or use another CACHEHUB_HOME"
+                )
+            self._catalog = catalog
         return self._catalog
 
     def close(self) -> None:
@@ -79,36 +94,78 @@ class Hub:
 
     # -- catalog <- lake ---------------------------------------------------------------------
     def refresh(self, dataset: str) -> bool:
-        """Index a dataset's commits and tags from the lake; False if the lake has no such dataset."""
+        """Index a dataset's commits and tags from the lake; False if the lake has no such dataset.
+
+        Only commits the catalog does not know are read. A damaged commit document is skipped
+        (and reported by ``catalog rebuild``) rather than hiding the whole dataset.
+        """
+        validate_dataset_name(dataset)
+        commits, tags, _problems = self._read_dataset(dataset, known=self.catalog.commit)
+        if commits is None:
+            return False
+        with self.catalog.transaction():
+            self.catalog.add_commits(commits)
+            self.catalog.replace_tags(dataset, tags)
+            self.catalog.touch_dataset(dataset)
+        return True
+
+    def _read_dataset(self, dataset: str, known: object = None) -> tuple[list[Commit] | None, list[Tag], list[str]]:
+        from .errors import CachehubError
+
         lake = self.lake
         ids = lake.commit_ids(dataset)
         if not ids:
-            return False
-        catalog = self.catalog
-        new = [lake.read_commit(dataset, cid) for cid in ids if catalog.commit(cid) is None]
-        tags = lake.tags(dataset)
-        with catalog.transaction():
-            catalog.add_commits(new)
-            catalog.replace_tags(dataset, tags)
-            catalog.touch_dataset(dataset)
-        return True
+            return None, [], []
+        commits, problems = [], []
+        for cid in ids:
+            if callable(known) and known(cid) is not None:
+                continue
+            try:
+                commits.append(lake.read_commit(dataset, cid))
+            except (CachehubError, ValueError, KeyError) as exc:
+                problems.append(f"{dataset}/commits/{cid}: {exc}")
+        return commits, lake.tags(dataset), problems
 
-    def rebuild_catalog(self) -> dict[str, int]:
-        """Rebuild the index from the lake alone (and the site roots); the audit trail is kept."""
+    def rebuild_catalog(self) -> dict[str, object]:
+        """Rebuild the index from the lake alone (and the site roots); the audit trail is kept.
+
+        The lake is read completely before the catalog is touched, so a lake that cannot be
+        read leaves the old catalog as it was.
+        """
+        from .store import scan_site_entries
+
         self.lake.check_readable()
-        with self.catalog.transaction():
-            self.catalog.clear_index()
-        datasets = 0
+        self._rebuilding = True
+        try:
+            catalog = self.catalog
+        finally:
+            self._rebuilding = False
+        found: list[tuple[str, list[Commit], list[Tag]]] = []
+        problems: list[str] = []
         for name in self.lake.datasets():
-            if self.refresh(name):
-                datasets += 1
-        from .store import rescan_sites
-
-        entries = rescan_sites(self)
-        commits = self.catalog.conn.execute("SELECT count(*) FROM commits").fetchone()[0]
-        tags = self.catalog.conn.execute("SELECT count(*) FROM tags").fetchone()[0]
-        self.catalog.audit("catalog-rebuild", datasets=datasets, commits=commits, tags=tags, cache_entries=entries)
-        return {"datasets": datasets, "commits": commits, "tags": tags, "cache_entries": entries}
+            commits, tags, bad = self._read_dataset(name)
+            problems += bad
+            if commits:
+                found.append((name, commits, tags))
+        entries = scan_site_entries(self.settings.sites.values())
+        with catalog.transaction():
+            catalog.clear_index()
+            for name, commits, tags in found:
+                catalog.add_commits(commits)
+                catalog.replace_tags(name, tags)
+                catalog.touch_dataset(name)
+            for entry in entries:
+                catalog.add_cache_entry(entry)
+            catalog.set_meta("lake", lake_identity(self.settings.lake_url))
+        counts: dict[str, object] = {
+            "datasets": len(found),
+            "commits": sum(len(c) for _, c, _ in found),
+            "tags": sum(len(t) for _, _, t in found),
+            "cache_entries": len(entries),
+        }
+        catalog.audit("catalog-rebuild", problems=len(problems), **counts)
+        counts["problems"] = problems
+        return counts
 
     # -- refs --------------------------------------------------------------------------------
     def resolve_commit(self, ref: str | Ref, *, refresh: bool = False) -> Commit:
@@ -194,12 +251,13 @@ class Hub:
         return self.resolve_commit(ref, refresh=True)
 
     def ls(self, ref: str, subpath: str = "") -> Iterator[ManifestEntry]:
-        """The files of a commit, optionally only those under ``subpath``."""
-        commit = self.resolve_commit(ref)
+        """The files of a commit (streamed), optionally only those under ``subpath``."""
+        commit = self.resolve_commit(ref)  # errors now, not on first iteration
         prefix = subpath.strip("/")
-        for entry in self.manifest(commit):
-            if not prefix or entry.path == prefix or entry.path.startswith(prefix + "/"):
-                yield entry
+        entries = self.manifest(commit)
+        if not prefix:
+            return entries
+        return (e for e in entries if e.path == prefix or e.path.startswith(prefix + "/"))
 
     def diff(self, old: str, new: str) -> Iterator[DiffEntry]:
         """Added, removed and modified paths from ``old`` to ``new`` (one linear merge)."""
@@ -247,24 +305,45 @@ class Hub:
 
     # -- sites and caches --------------------------------------------------------------------
     def site_add(self, name: str, root: str | os.PathLike[str], *, link: str = "auto", replace: bool = False) -> Site:
-        """Register a site (a cache root near compute) in the configuration and prepare its root."""
-        from .config import LINK_MODES, save_settings, with_site
-        from .store import SiteStore
+        """Register a site (a cache root near compute) in config.toml and lay out its root."""
+        from .config import LINK_MODES, validate_site_name
 
-        validate_dataset_name(name)
+        validate_site_name(name)
         if link not in LINK_MODES:
             raise ConfigError(f"unknown link mode {link!r}; use one of {', '.join(LINK_MODES)}")
         if name in self.settings.sites and not replace:
             existing = self.settings.sites[name]
-            raise ConflictError(f"site {name!r} already exists (root {existing.root}); use cachehub site set {name} to change it")
-        root_path = Path(root).expanduser().absolute()
-        if _inside(self.settings.catalog_path, root_path):
-            raise ConfigError(f"site root {root_path} would contain the catalog; the catalog must stay on local disk outside it")
-        site = Site(name=name, root=str(root_path), link=link)
+            raise ConflictError(
+                f"site {name!r} already exists (root {existing.root}); change it with: cachehub site set {name} --root PATH"
+            )
+        return self._save_site(Site(name=name, root=os.path.abspath(os.path.expanduser(root)), link=link), "site-add")
+
+    def site_set(self, name: str, *, root: str | os.PathLike[str] | None = None, link: str | None = None) -> Site:
+        """Change a site's root or link mode (the old root is left as it is)."""
+        from .config import LINK_MODES
+
+        current = self.settings.site(name)
+        if link is not None and link not in LINK_MODES:
+            raise ConfigError(f"unknown link mode {link!r}; use one of {', '.join(LINK_MODES)}")
+        new_root = os.path.abspath(os.path.expanduser(root)) if root is not None else current.root
+        return self._save_site(Site(name=name, root=new_root, link=link or current.link), "site-set")
+
+    def _save_site(self, site: Site, action: str) -> Site:
+        from dataclasses import replace
+
+        from .config import update_config
+        from .store import SiteStore
+
+        if _inside(self.settings.catalog_path, Path(site.root)):
+            raise ConfigError(f"site root {site.root} would contain the catalog; the catalog must stay on local disk outside it")
         SiteStore(site).ensure()
-        self.settings = with_site(self.settings, site)
-        save_settings(self.settings)
-        self.catalog.audit("site-add", site=name, root=site.root, link=link)
+
+        def change(data: dict) -> None:
+            data.setdefault("sites", {})[site.name] = {"root": site.root, "link": site.link}
+
+        update_config(self.settings.home, change)
+        self.settings = replace(self.settings, sites={**self.settings.sites, site.name: site})
+        self.catalog.audit(action, site=site.name, root=site.root, link=site.link)
         return site
 
     def sites(self) -> list[Site]:
@@ -323,6 +402,8 @@ class Hub:
             commits = list(store.cached()) if store.root.exists() else []
             objects, object_bytes = store.object_bytes() if commits else (0, 0)
             logical = sum(c.bytes for c in commits)
+            if store.site.link == "copy":  # trees are copies: nothing is shared with objects/
+                object_bytes += logical
             fs = _fs_space(store.root)
             out.append(
                 {
@@ -359,16 +440,23 @@ def init(
     region: str | None = None,
 ) -> dict[str, str]:
     """Write the configuration, create the catalog, check the lake and prepare the default site."""
-    from dataclasses import replace
-
-    from .config import save_settings
+    from .config import DEFAULT_SITE, update_config
     from .store import SiteStore
 
     settings = load_settings(home, lake=lake)
-    if endpoint_url is not None or region is not None:
-        settings = replace(settings, endpoint_url=endpoint_url or settings.endpoint_url, region=region or settings.region)
+
+    def change(data: dict) -> None:
+        section = data.setdefault("lake", {})
+        section["url"] = settings.lake_url
+        if endpoint_url:
+            section["endpoint_url"] = endpoint_url
+        if region:
+            section["region"] = region
+        data.setdefault("defaults", {}).setdefault("site", DEFAULT_SITE)
+
     settings.home.mkdir(parents=True, exist_ok=True)
-    path = save_settings(settings)
+    path = update_config(settings.home, change)
+    settings = load_settings(home, lake=lake)
     with Hub(settings) as hub:
         hub.lake.ensure_initialised()
         site = settings.site()
@@ -381,6 +469,14 @@ def init(
             "site": site.name,
             "site_root": site.root,
         }
+
+
+def lake_identity(url: str) -> str:
+    """A stable name for a lake URL (absolute path for a directory, URL without trailing / for S3)."""
+    if "://" in url and not url.startswith("file://"):
+        return url.rstrip("/")
+    path = url[len("file://") :] if url.startswith("file://") else url
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def _inside(path: Path, root: Path) -> bool:

@@ -52,6 +52,14 @@ MIGRATIONS: list[tuple[int, str]] = [
         """,
     ),
 ]
+MIGRATIONS.append(
+    (
+        2,
+        """
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        """,
+    )
+)
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
@@ -103,6 +111,13 @@ class Catalog:
     def transaction(self) -> _Tx:
         """``with catalog.transaction():`` groups writes atomically."""
         return _Tx(self.conn)
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     # -- commits and tags --------------------------------------------------------------------
     def add_commits(self, commits: Iterable[Commit]) -> None:

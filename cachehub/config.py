@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError, SiteNotFoundError
+from .errors import ConfigError, InvalidRefError, SiteNotFoundError
 from .fsutil import atomic_write
 from .model import Site
 from .refs import validate_dataset_name
@@ -83,7 +84,7 @@ class Settings:
 def load_settings(home: str | os.PathLike[str] | None = None, *, lake: str | None = None) -> Settings:
     """Read settings from the environment and the configuration file (which may not exist)."""
     home_path = Path(home).expanduser() if home is not None else default_home()
-    config_path = Path(os.environ.get("CACHEHUB_CONFIG") or home_path / "config.toml")
+    config_path = config_path_for(home_path)
     data: dict = {}
     if config_path.exists():
         try:
@@ -123,10 +124,21 @@ def load_settings(home: str | os.PathLike[str] | None = None, *, lake: str | Non
     )
 
 
+def validate_site_name(name: str) -> str:
+    """Site names follow the dataset-name rules (they become path segments and TOML keys)."""
+    try:
+        return validate_dataset_name(name)
+    except InvalidRefError:
+        raise InvalidRefError(
+            f"invalid site name {name!r}: use 1-128 characters from A-Z a-z 0-9 . _ -, starting with a letter, digit or '_'",
+            value=name,
+        ) from None
+
+
 def _site_from(name: str, spec: dict, where: Path) -> Site:
     try:
-        validate_dataset_name(name)
-    except Exception:
+        validate_site_name(name)
+    except InvalidRefError:
         raise ConfigError(f"{where}: invalid site name {name!r}") from None
     if not isinstance(spec, dict) or "root" not in spec:
         raise ConfigError(f"{where}: site {name!r} needs a root = \"/path\"")
@@ -145,23 +157,41 @@ def _toml_value(value: object) -> str:
     return f'"{text}"'
 
 
-def save_settings(settings: Settings) -> Path:
-    """Write ``settings`` to its configuration file atomically; return the path."""
-    path = settings.config_path or settings.home / "config.toml"
-    lines = [f"format_version = {CONFIG_FORMAT_VERSION}", "", "[lake]", f"url = {_toml_value(settings.lake_url)}"]
-    if settings.endpoint_url:
-        lines.append(f"endpoint_url = {_toml_value(settings.endpoint_url)}")
-    if settings.region:
-        lines.append(f"region = {_toml_value(settings.region)}")
-    lines += ["", "[defaults]", f"site = {_toml_value(settings.default_site)}", f"jobs = {settings.jobs}"]
-    for site in sorted(settings.sites.values(), key=lambda s: s.name):
-        lines += ["", f"[sites.{site.name}]", f"root = {_toml_value(site.root)}", f"link = {_toml_value(site.link)}"]
+def _toml_dump(data: dict) -> str:
+    """TOML for the shapes config.toml uses: scalars, tables, and tables of tables."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+
+    def table(prefix: str, body: dict) -> None:
+        scalars = {k: v for k, v in body.items() if not isinstance(v, dict)}
+        if scalars or not body:
+            lines.extend(["", f"[{prefix}]"])
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in scalars.items())
+        for k, v in body.items():
+            if isinstance(v, dict):
+                table(f"{prefix}.{k}", v)
+
+    for key, value in data.items():
+        if isinstance(value, dict):
+            table(key, value)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def config_path_for(home: Path) -> Path:
+    return Path(os.environ.get("CACHEHUB_CONFIG") or home / "config.toml")
+
+
+def update_config(home: Path, change: Callable[[dict], None]) -> Path:
+    """Apply ``change`` to the configuration *file* (not to environment overrides); write atomically.
+
+    Only what ``change`` sets is written, so CACHEHUB_LAKE and friends never leak into the
+    file. Comments in the file are not preserved.
+    """
+    path = config_path_for(home)
+    data: dict = {}
+    if path.exists():
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    data.setdefault("format_version", CONFIG_FORMAT_VERSION)
+    change(data)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, ("\n".join(lines) + "\n").encode("utf-8"))
+    atomic_write(path, _toml_dump(data).encode("utf-8"))
     return path
-
-
-def with_site(settings: Settings, site: Site) -> Settings:
-    sites = dict(settings.sites)
-    sites[site.name] = site
-    return replace(settings, sites=sites)

@@ -16,11 +16,14 @@ def unique_suffix() -> str:
     return f"{HOST}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644, exclusive: bool = False) -> None:
+def atomic_write(
+    path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644, exclusive: bool = False, durable: bool = True
+) -> None:
     """Write ``data`` to ``path`` via a same-directory temp file and one atomic rename.
 
     With ``exclusive`` the final step is ``link`` instead of ``rename``, so it fails with
-    FileExistsError if ``path`` exists: an atomic create-if-absent, safe on NFS.
+    FileExistsError if ``path`` exists: an atomic create-if-absent, safe on NFS. ``durable``
+    fsyncs the bytes before they become visible, so a crash never publishes an empty file.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{unique_suffix()}.tmp")
@@ -31,6 +34,8 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644
             while view:
                 view = view[os.write(fd, view) :]
             os.fchmod(fd, mode)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         if exclusive:

@@ -163,7 +163,10 @@ class Lake:
 
     def read_commit(self, dataset: str, commit_id: str) -> Commit:
         data, _ = self.backend.read(commit_key(dataset, commit_id))
-        return commit_from_bytes(data, expected_id=commit_id)
+        commit = commit_from_bytes(data, expected_id=commit_id)
+        if commit.dataset != dataset:
+            raise IntegrityError(f"commit {commit_id} under datasets/{dataset}/ says it belongs to {commit.dataset!r}")
+        return commit
 
     def commit_ids(self, dataset: str) -> list[str]:
         prefix = f"datasets/{dataset}/commits/"

@@ -29,6 +29,7 @@ from .model import Commit, ManifestEntry, PushResult
 from .progress import NULL, Progress
 from .refs import validate_dataset_name, validate_tag_name
 from .scan import hash_files, walk
+from .store import sweep_dead_entries
 from .transfer import run
 
 if TYPE_CHECKING:
@@ -72,8 +73,9 @@ def push(
 
     tmp = hub.settings.tmp_dir
     tmp.mkdir(parents=True, exist_ok=True)
-    manifest_tmp = tmp / f"manifest.{unique_suffix()}.tsv.gz"
-    todo_tmp = tmp / f"upload.{unique_suffix()}.tsv"
+    sweep_dead_entries(tmp)
+    manifest_tmp = tmp / f"push-manifest.{unique_suffix()}"
+    todo_tmp = tmp / f"push-todo.{unique_suffix()}"
     try:
         manifest_id, files, nbytes, candidates = _hash_and_list(
             hub, directory, parent_commit, manifest_tmp, todo_tmp, progress, jobs

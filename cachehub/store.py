@@ -24,25 +24,21 @@ import errno
 import json
 import os
 import shutil
-import stat as statmod
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .errors import FormatError, NoSpaceError
 from .fsutil import HOST, atomic_write, unique_suffix
 from .lake import canonical_json, now_iso
 from .model import CacheEntry, Commit, Site
 
-if TYPE_CHECKING:
-    from .api import Hub
-
 SITE_FORMAT = "cachehub-site"
 SITE_FORMAT_VERSION = 1
 META_FORMAT_VERSION = 1
-LOCK_STALE_SECONDS = 120.0
+LOCK_STALE_SECONDS = 30.0
 FALLBACK_ERRNOS = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP}
 
 
@@ -192,30 +188,20 @@ class SiteStore:
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise NoSpaceError(
-                    f"site {self.site.name} ({self.root}) is full; free space (cachehub evict / gc) and re-run",
+                    f"site {self.site.name} ({self.root}) is full; free space there (or cache to another site) and re-run",
                     site=self.site.name,
                 ) from exc
             raise
         finally:
             tmp.unlink(missing_ok=True)
 
-    def lock(self, commit_id: str) -> Path | None:
-        """Take the advisory lock for building ``commit_id``; None if someone live holds it."""
-        path = self.root / "locks" / f"{commit_id}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            atomic_write(path, f"{HOST} {os.getpid()} {time.time()}\n".encode(), exclusive=True)
-            return path
-        except FileExistsError:
-            try:
-                if time.time() - path.stat().st_mtime > LOCK_STALE_SECONDS:
-                    stale = path.with_name(f"{path.name}.{unique_suffix()}.stale")
-                    os.rename(path, stale)
-                    stale.unlink(missing_ok=True)
-                    return self.lock(commit_id)
-            except FileNotFoundError:
-                return self.lock(commit_id)
-            return None
+    def lock(self, commit_id: str) -> BuildLock | None:
+        """Take the advisory lock for building ``commit_id``; None if a live builder holds it."""
+        return BuildLock.acquire(self.root / "locks" / f"{commit_id}.lock")
+
+    def sweep_leftovers(self, *, max_age: float = 86400.0) -> int:
+        """Remove staging trees, temp files and trash left by builders that died; return the count."""
+        return sum(sweep_dead_entries(self.root / sub, max_age=max_age) for sub in ("staging", "tmp", "trash"))
 
     def new_staging(self, commit_id: str) -> Path:
         path = self.root / "staging" / f"{commit_id}.{unique_suffix()}"
@@ -243,6 +229,120 @@ class SiteStore:
         except FileNotFoundError:
             return None
         return trash
+
+
+class BuildLock:
+    """An advisory lock file (``O_EXCL`` create) that only saves duplicate downloads.
+
+    Its holder rewrites its mtime every HEARTBEAT_SECONDS from a background thread. A lock is
+    stale when its holder is a dead process on this host, or its heartbeat is older than
+    LOCK_STALE_SECONDS (a holder on another host that died). Correctness never depends on it:
+    two builders that both think they hold it just do the same work twice.
+    """
+
+    HEARTBEAT_SECONDS = 5.0
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="cachehub-lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def acquire(cls, path: Path) -> BuildLock | None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                atomic_write(path, f"{HOST} {os.getpid()} {time.time():.3f}\n".encode(), exclusive=True, durable=False)
+                return cls(path)
+            except FileExistsError:
+                if not lock_is_stale(path):
+                    return None
+                stale = path.with_name(f"{path.name}.{unique_suffix()}.stale")
+                try:
+                    os.rename(path, stale)  # only one breaker wins the rename
+                    stale.unlink(missing_ok=True)
+                except FileNotFoundError:
+                    pass
+        return None
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.HEARTBEAT_SECONDS):
+            try:
+                os.utime(self.path)
+            except FileNotFoundError:
+                return
+
+    def release(self) -> None:
+        self._stop.set()
+        self.path.unlink(missing_ok=True)
+
+
+def lock_is_stale(path: Path, *, now: float | None = None) -> bool:
+    """True if the lock's holder is gone: a dead pid on this host, or no heartbeat for a while."""
+    try:
+        text = path.read_text()
+        age = (now or time.time()) - path.stat().st_mtime
+    except FileNotFoundError:
+        return True
+    parts = text.split()
+    if len(parts) >= 2 and parts[0] == HOST and parts[1].isdigit():
+        return not pid_alive(int(parts[1]))
+    return age > LOCK_STALE_SECONDS
+
+
+def sweep_dead_entries(base: Path, *, max_age: float = 86400.0) -> int:
+    """Remove entries of ``base`` named ``<what>.<host>.<pid>.<random>`` whose writer is gone.
+
+    Gone means: that pid is dead on this host, or (another host's entry) it is older than
+    ``max_age``. Returns how many were removed.
+    """
+    removed = 0
+    now = time.time()
+    try:
+        entries = list(os.scandir(base))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        owner = _owner(entry.name)
+        if owner is None:
+            continue
+        host, pid = owner
+        try:
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+        except FileNotFoundError:
+            continue
+        if not ((host == HOST and not pid_alive(pid)) or (host != HOST and age > max_age)):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            remove_tree(Path(entry.path))
+        else:
+            Path(entry.path).unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def _owner(name: str) -> tuple[str, int] | None:
+    """(host, pid) from a name ending in ``.<host>.<pid>.<random>`` (see unique_suffix)."""
+    parts = name.split(".")
+    if len(parts) < 4 or not parts[-2].isdigit():
+        return None
+    # the prefix before the host is a hash (no dots) or a hash plus a file extension
+    head = parts[0]
+    host = ".".join(parts[1:-2])
+    if not head:
+        return None
+    return host, int(parts[-2])
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class Linker:
@@ -276,7 +376,7 @@ class Linker:
 
 
 def copy_readonly(src: Path | str, dest: str) -> None:
-    """Copy (reflink where the kernel can) and make read-only."""
+    """Copy (in-kernel where possible) and make read-only."""
     shutil.copyfile(src, dest)
     os.chmod(dest, 0o444)
 
@@ -300,37 +400,15 @@ def remove_tree(top: Path) -> None:
     shutil.rmtree(top)
 
 
-def scan_commit_entries(store: SiteStore) -> list[CacheEntry]:
-    return [
-        CacheEntry(
-            site=store.site.name,
-            commit=c.commit,
-            dataset=c.dataset,
-            path=str(c.path),
-            files=c.files,
-            bytes=c.bytes,
-            cached_at=c.cached_at,
-            last_used=None,
-        )
-        for c in store.cached()
-    ]
-
-
-def rescan_sites(hub: Hub) -> int:
-    """Re-index every configured site's published commits into the catalog; return the count."""
-    count = 0
-    for site in hub.settings.sites.values():
+def scan_site_entries(sites: Iterable[Site]) -> list[CacheEntry]:
+    """Every published commit of every site whose root exists, read from the roots alone."""
+    out = []
+    for site in sites:
         store = SiteStore(site)
         if not (store.root / "cachehub-site.json").exists():
             continue
-        for entry in scan_commit_entries(store):
-            hub.catalog.add_cache_entry(entry)
-            count += 1
-    return count
-
-
-def is_regular_file(path: str) -> bool:
-    try:
-        return statmod.S_ISREG(os.stat(path).st_mode)
-    except FileNotFoundError:
-        return False
+        out += [
+            CacheEntry(site.name, c.commit, c.dataset, str(c.path), c.files, c.bytes, c.cached_at, None)
+            for c in store.cached()
+        ]
+    return out

@@ -17,22 +17,61 @@ import hashlib
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import IntegrityError, NoSpaceError, NotCachedError
-from .fsutil import atomic_write, sha256_file
+from .fsutil import atomic_write, sha256_file, unique_suffix
 from .lake import now_iso, object_key
 from .manifest import read_manifest
 from .model import CacheEntry, CacheResult, Commit, ManifestEntry, VerifyResult
 from .progress import NULL, Progress
-from .store import Linker, SiteStore, make_tree_readonly, remove_tree
+from .store import BuildLock, Linker, SiteStore, make_tree_readonly, remove_tree, sweep_dead_entries
 from .transfer import run
 
 if TYPE_CHECKING:
     from .api import Hub
 
 LOCK_POLL_SECONDS = 0.2
+
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What caching one commit at one site needs, decided before anything is written there."""
+
+    files: int
+    bytes: int
+    missing_objects: int  # distinct contents to download
+    missing_bytes: int
+    reused_files: int  # files whose content the site already holds
+    reused_bytes: int
+
+
+def plan(store: SiteStore, manifest: Path, missing_list: Path) -> Plan:
+    """Validate every manifest entry and list the distinct contents the site lacks.
+
+    Reads the manifest (which refuses hostile paths) and stats the site's object store; the
+    only thing written is ``missing_list`` (``sha256<TAB>size`` lines), outside the site.
+    Memory: one set entry per *missing* content, nothing per reused file.
+    """
+    missing: set[bytes] = set()
+    files = nbytes = fetched_files = fetched_bytes = missing_bytes = 0
+    with open(missing_list, "w", encoding="ascii") as out:
+        for entry in read_manifest(manifest):
+            files += 1
+            nbytes += entry.size
+            key = bytes.fromhex(entry.sha256)
+            if key not in missing:
+                if os.path.exists(store.object_path(entry.sha256)):
+                    continue
+                missing.add(key)
+                missing_bytes += entry.size
+                out.write(f"{entry.sha256}\t{entry.size}\n")
+            fetched_files += 1
+            fetched_bytes += entry.size
+    return Plan(files, nbytes, len(missing), missing_bytes, files - fetched_files, nbytes - fetched_bytes)
 
 
 def cache(
@@ -52,33 +91,36 @@ def cache(
         store.touch(commit.id)
         return _result(commit, store, 0, 0, commit.files, commit.bytes, started, already=True)
 
-    manifest = _site_manifest(hub, store, commit)
-    lock = None
-    while True:
-        lock = store.lock(commit.id)
-        if lock is not None or store.is_cached(commit.id):
-            break
-        time.sleep(LOCK_POLL_SECONDS)  # another process is building it; wait and reuse its work
+    manifest = hub.manifest_path(commit.manifest)  # verified copy on the catalog host's disk
+    hub.settings.tmp_dir.mkdir(parents=True, exist_ok=True)
+    sweep_dead_entries(hub.settings.tmp_dir)
+    missing_list = hub.settings.tmp_dir / f"plan-{commit.id[:16]}.{unique_suffix()}"
     try:
-        if store.is_cached(commit.id):
-            store.touch(commit.id)
-            return _result(commit, store, 0, 0, commit.files, commit.bytes, started, already=True)
-        missing_list = store.root / "tmp" / f"plan.{commit.id}.{os.getpid()}.{time.monotonic_ns()}"
+        progress.start("plan", total_files=commit.files)
         try:
-            fetched_files, fetched_bytes, reused_files, reused_bytes = _fill(
-                hub, store, commit, manifest, missing_list, lock, progress, jobs or hub.settings.jobs
-            )
+            the_plan = plan(store, manifest, missing_list)  # raises on hostile input: nothing written yet
         finally:
-            missing_list.unlink(missing_ok=True)
-        _build_and_publish(store, commit, manifest, progress)
+            progress.finish()
+        lock = _wait_for_lock(store, commit.id)
+        try:
+            if lock is not None:
+                store.sweep_leftovers()
+            if store.is_cached(commit.id):  # another process published it while we waited
+                store.touch(commit.id)
+                return _result(commit, store, 0, 0, commit.files, commit.bytes, started, already=True)
+            fetched_files, fetched_bytes = _fetch(hub, store, commit, missing_list, the_plan, progress, jobs or hub.settings.jobs)
+            _site_manifest(store, commit, manifest)
+            _build_and_publish(store, commit, manifest, progress)
+        finally:
+            if lock is not None:
+                lock.release()
     finally:
-        if lock is not None:
-            lock.unlink(missing_ok=True)
+        missing_list.unlink(missing_ok=True)
     store.touch(commit.id)
-    result = _result(commit, store, fetched_files, fetched_bytes, reused_files, reused_bytes, started, already=False)
+    result = _result(commit, store, fetched_files, fetched_bytes, the_plan.reused_files, the_plan.reused_bytes, started, already=False)
     with hub.catalog.transaction():
         hub.catalog.add_cache_entry(
-            CacheEntry(store.site.name, commit.id, commit.dataset, result.path, commit.files, commit.bytes, _now(), None)
+            CacheEntry(store.site.name, commit.id, commit.dataset, result.path, commit.files, commit.bytes, now_iso(), None)
         )
         hub.catalog.audit(
             "cache",
@@ -88,47 +130,33 @@ def cache(
             site=store.site.name,
             fetched_files=fetched_files,
             fetched_bytes=fetched_bytes,
-            reused_files=reused_files,
-            reused_bytes=reused_bytes,
+            reused_files=the_plan.reused_files,
+            reused_bytes=the_plan.reused_bytes,
         )
     return result
 
 
-def _fill(
+def _wait_for_lock(store: SiteStore, commit_id: str) -> BuildLock | None:
+    """The advisory build lock, or None once another process has published the commit."""
+    while True:
+        lock = store.lock(commit_id)
+        if lock is not None or store.is_cached(commit_id):
+            return lock
+        time.sleep(LOCK_POLL_SECONDS)  # another process is building it; wait and reuse its work
+
+
+def _fetch(
     hub: Hub,
     store: SiteStore,
     commit: Commit,
-    manifest: Path,
     missing_list: Path,
-    lock: Path | None,
+    the_plan: Plan,
     progress: Progress,
     jobs: int,
-) -> tuple[int, int, int, int]:
-    """Plan, then download every missing object; return (fetched files, bytes, reused files, bytes)."""
-    progress.start("plan", total_files=commit.files)
-    missing: set[bytes] = set()
-    files = nbytes = fetched_paths = fetched_path_bytes = 0
-    missing_bytes = 0
-    with open(missing_list, "w", encoding="ascii") as out:
-        for entry in read_manifest(manifest):  # validates every path before anything is written
-            files += 1
-            nbytes += entry.size
-            key = bytes.fromhex(entry.sha256)
-            if key in missing:
-                fetched_paths += 1
-                fetched_path_bytes += entry.size
-                continue
-            if os.path.exists(store.object_path(entry.sha256)):
-                continue
-            missing.add(key)
-            missing_bytes += entry.size
-            fetched_paths += 1
-            fetched_path_bytes += entry.size
-            out.write(f"{entry.sha256}\t{entry.size}\n")
-    progress.finish()
+) -> tuple[int, int]:
+    """Download every object in ``missing_list``, verified; return (objects, bytes) fetched."""
     backend = hub.lake.backend
     counts = [0, 0]
-    heartbeat = [time.monotonic()]
 
     def items() -> Iterator[tuple[str, int]]:
         with open(missing_list, encoding="ascii") as fh:
@@ -159,17 +187,13 @@ def _fill(
             counts[0] += 1
             counts[1] += size
         progress.advance(1, size)
-        now = time.monotonic()
-        if lock is not None and now - heartbeat[0] > 5:
-            heartbeat[0] = now
-            os.utime(lock)  # keeps waiting builders from treating the lock as stale
 
-    progress.start("fetch", total_files=len(missing), total_bytes=missing_bytes)
+    progress.start("fetch", total_files=the_plan.missing_objects, total_bytes=the_plan.missing_bytes)
     try:
         run(items(), one, jobs=jobs)
     finally:
         progress.finish()
-    return counts[0], counts[1], files - fetched_paths, nbytes - fetched_path_bytes
+    return counts[0], counts[1]
 
 
 def _build_and_publish(store: SiteStore, commit: Commit, manifest: Path, progress: Progress) -> None:
@@ -193,7 +217,7 @@ def _build_and_publish(store: SiteStore, commit: Commit, manifest: Path, progres
         if isinstance(exc, NoSpaceError) or exc.errno in (28, 122):  # ENOSPC, EDQUOT
             raise NoSpaceError(
                 f"site {store.site.name} ({store.root}) ran out of space while building {commit.dataset}@{commit.short}; "
-                "nothing was published. Free space (cachehub evict / gc) and re-run",
+                "nothing was published. Free space there (or cache to another site) and re-run",
                 site=store.site.name,
             ) from exc
         raise
@@ -204,14 +228,13 @@ def _build_and_publish(store: SiteStore, commit: Commit, manifest: Path, progres
         progress.finish()
 
 
-def _site_manifest(hub: Hub, store: SiteStore, commit: Commit) -> Path:
-    """The commit's manifest, kept at the site so nodes can verify without the lake."""
+def _site_manifest(store: SiteStore, commit: Commit, local: Path | None = None, hub: Hub | None = None) -> Path:
+    """The commit's manifest kept at the site, so nodes can verify without the lake."""
     path = store.manifest_path(commit.manifest)
     if not path.exists():
-        src = hub.manifest_path(commit.manifest)
+        src = local if local is not None else hub.manifest_path(commit.manifest)  # type: ignore[union-attr]
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(src, "rb") as fh:
-            atomic_write(path, fh.read())
+        atomic_write(path, src.read_bytes())
     return path
 
 
@@ -247,10 +270,6 @@ def _is_full_id(ref: str) -> bool:
     return len(tail) == 64 and all(c in "0123456789abcdef" for c in tail)
 
 
-def _now() -> str:
-    return now_iso()
-
-
 def verify(hub: Hub, ref: str, *, site: str | None = None, repair: bool = False, progress: Progress = NULL) -> VerifyResult:
     """Re-hash a cached tree against its manifest; with ``repair`` re-fetch what is wrong."""
     commit = hub.resolve_commit(ref)
@@ -259,7 +278,7 @@ def verify(hub: Hub, ref: str, *, site: str | None = None, repair: bool = False,
         raise NotCachedError(
             f"{commit.dataset}@{commit.short} is not cached at site {store.site.name}; run: cachehub cache {ref}",
         )
-    manifest = _site_manifest(hub, store, commit)
+    manifest = _site_manifest(store, commit, hub=hub)
     top = store.commit_path(commit.id)
     damaged: list[str] = []
     missing: list[str] = []

@@ -29,8 +29,8 @@ app.add_typer(site_app, name="site")
 app.add_typer(catalog_app, name="catalog")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
-SiteOpt = Annotated[Optional[str], typer.Option("--site", "-s", help="Site name (default: the configured default site).")]  # noqa: UP007
-JobsOpt = Annotated[Optional[int], typer.Option("--jobs", "-j", help="Transfers in flight (default 64).")]  # noqa: UP007
+SiteOpt = Annotated[Optional[str], typer.Option("--site", "-s", help="Site name (default: CACHEHUB_SITE or the configured default, 'local').")]  # noqa: UP007
+JobsOpt = Annotated[Optional[int], typer.Option("--jobs", "-j", help="Transfers in flight (default: CACHEHUB_JOBS or config, else 64).")]  # noqa: UP007
 
 
 def _hub() -> Hub:
@@ -282,7 +282,10 @@ def path(ref: Annotated[str, typer.Argument(help="NAME@REF")], site: SiteOpt = N
 
 
 @app.command()
-def status(site: SiteOpt = None, json_out: JsonOpt = False) -> None:
+def status(
+    site: Annotated[Optional[str], typer.Option("--site", "-s", help="Only this site (default: every site).")] = None,  # noqa: UP007
+    json_out: JsonOpt = False,
+) -> None:
     """Per site: cached commits, their sizes, shared bytes, filesystem space."""
     with _hub() as hub:
         rows = hub.status(site)
@@ -347,6 +350,22 @@ def site_add(
         typer.echo(f"site {s.name} -> {s.root} (link {s.link})")
 
 
+@site_app.command("set")
+def site_set(
+    name: Annotated[str, typer.Argument(help="Site name.")],
+    root: Annotated[Optional[str], typer.Option("--root", help="New cache root (the old one is left as it is).")] = None,  # noqa: UP007
+    link: Annotated[Optional[str], typer.Option("--link", help="auto | hardlink | symlink | copy")] = None,  # noqa: UP007
+    json_out: JsonOpt = False,
+) -> None:
+    """Change a site's root or link mode."""
+    with _hub() as hub:
+        s = hub.site_set(name, root=root, link=link)
+    if json_out:
+        _emit(s)
+    else:
+        typer.echo(f"site {s.name} -> {s.root} (link {s.link})")
+
+
 @site_app.command("list")
 def site_list(json_out: JsonOpt = False) -> None:
     """List sites."""
@@ -383,39 +402,33 @@ def catalog_rebuild(json_out: JsonOpt = False) -> None:
         counts = hub.rebuild_catalog()
     if json_out:
         _emit(counts)
-    else:
-        typer.echo(", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
+        return
+    problems = counts.pop("problems")
+    typer.echo(", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
+    for problem in problems:  # type: ignore[attr-defined]
+        typer.echo(f"warning: skipped {problem}", err=True)
 
 
 def main() -> None:
-    """Entry point: run the app, turning library errors into one line and an exit code."""
-    import click
+    """Entry point: run the app; library errors become one line and the error's exit code.
 
+    Usage errors, ``--help`` and ``typer.Exit`` are handled by Typer itself (exit 2 for usage).
+    """
     from cachehub.errors import CachehubError
 
+    debug = os.environ.get("CACHEHUB_DEBUG") == "1"
     try:
-        app(standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(130)
+        app()
     except CachehubError as exc:
-        if os.environ.get("CACHEHUB_DEBUG") == "1":
+        if debug:
             raise
         typer.echo(f"cachehub: error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except (OSError, ValueError) as exc:
-        if os.environ.get("CACHEHUB_DEBUG") == "1":
+        if debug:
             raise
         typer.echo(f"cachehub: error: {exc}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        typer.echo("interrupted; nothing half-done was published, re-run to resume", err=True)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

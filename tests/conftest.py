@@ -167,6 +167,16 @@ def env(tmp_path: Path, lake_url: str, monkeypatch: pytest.MonkeyPatch) -> dict[
 
 
 @pytest.fixture
+def local_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Like ``env`` but only for the local-directory lake (tests whose S3 run would add nothing)."""
+    monkeypatch.setenv("CACHEHUB_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CACHEHUB_LAKE", str(tmp_path / "lake"))
+    for var in ("CACHEHUB_CONFIG", "CACHEHUB_SITE", "CACHEHUB_ENDPOINT_URL"):
+        monkeypatch.delenv(var, raising=False)
+    return dict(os.environ)
+
+
+@pytest.fixture
 def settings(env: dict[str, str]) -> Settings:
     return load_settings()
 

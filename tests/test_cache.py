@@ -1,0 +1,265 @@
+"""Caching commits at a site, against both backends, with real directories and hardlinks."""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+import cachehub
+from cachehub.api import Hub
+from cachehub.errors import IntegrityError, NotCachedError, UnsafePathError
+from cachehub.lake import COMMIT_FORMAT, COMMIT_FORMAT_VERSION, manifest_key, now_iso, object_key
+from cachehub.store import SiteStore
+
+from .conftest import random_tree, tree_digest, write_tree
+
+
+def site_state(root: Path) -> dict[str, list[str]]:
+    """What is in each top-level folder of a site root (to prove nothing changed)."""
+    out = {}
+    for sub in ("commits", "objects", "meta", "manifests", "staging", "trash", "tmp"):
+        base = root / sub
+        out[sub] = sorted(str(p.relative_to(base)) for p in base.rglob("*")) if base.exists() else []
+    return out
+
+
+def test_cache_fetches_only_the_delta(hub: Hub, tmp_path: Path) -> None:
+    src = random_tree(tmp_path / "src", 60)
+    v1_digest = tree_digest(src)
+    hub.push(src, "ds", tag="v1")
+    (src / "class0/img0000.bin").write_bytes(b"rewritten")
+    (src / "class1/img0001.bin").unlink()
+    (src / "added.bin").write_bytes(b"added content")
+    hub.push(src, "ds", tag="v2")
+
+    r1 = hub.cache("ds@v1")
+    assert (r1.fetched_files, r1.reused_files, r1.files) == (60, 0, 60)
+    assert tree_digest(Path(r1.path)) == v1_digest
+    r2 = hub.cache("ds@v2")
+    assert r2.fetched_files == 2 and r2.fetched_bytes == len(b"rewritten") + len(b"added content")
+    assert r2.reused_files == 58 and r2.files == 60
+    assert tree_digest(Path(r2.path)) == tree_digest(src)
+    # hardlinks: the same content is one inode on disk
+    a = os.stat(Path(r1.path) / "class2/img0002.bin")
+    b = os.stat(Path(r2.path) / "class2/img0002.bin")
+    assert a.st_ino == b.st_ino
+
+
+def test_cached_tree_is_read_only_and_real_files(hub: Hub, tmp_path: Path) -> None:
+    src = write_tree(tmp_path / "src", {"a/b/c.txt": "hello", "d.txt": "world!"})
+    hub.push(src, "ds")
+    path = Path(hub.cache("ds").path)
+    for p in [path, path / "a", path / "a/b"]:
+        assert stat.S_IMODE(os.stat(p).st_mode) == 0o555
+    for p, size in [(path / "a/b/c.txt", 5), (path / "d.txt", 6)]:
+        st = os.lstat(p)
+        assert stat.S_ISREG(st.st_mode) and st.st_size == size
+        assert stat.S_IMODE(st.st_mode) == 0o444
+
+
+def test_caching_a_complete_commit_fetches_nothing(hub: Hub, tmp_path: Path) -> None:
+    hub.push(random_tree(tmp_path / "src", 20), "ds")
+    hub.cache("ds")
+    again = hub.cache("ds")
+    assert again.already_cached and again.fetched_files == 0 and again.fetched_bytes == 0
+
+
+def test_content_shared_across_datasets_is_linked_not_fetched(hub: Hub, tmp_path: Path) -> None:
+    src = random_tree(tmp_path / "src", 20)
+    hub.push(src, "raw")
+    hub.push(src, "copy-of-raw")
+    hub.cache("raw")
+    r = hub.cache("copy-of-raw")
+    assert r.fetched_files == 0 and r.reused_files == 20
+
+
+def test_resolve_and_path(hub: Hub, tmp_path: Path, env: dict[str, str]) -> None:
+    hub.push(write_tree(tmp_path / "src", {"x": "1"}), "ds", tag="v1")
+    with pytest.raises(NotCachedError, match="cachehub cache ds@v1"):
+        hub.resolve("ds@v1")
+    path = hub.resolve("ds@v1", fetch=True)
+    assert (path / "x").read_text() == "1"
+    assert hub.resolve("ds@v1") == path
+    commit = hub.resolve_commit("ds@v1")
+    store = SiteStore(hub.settings.site())
+    before = store.last_used(commit.id)
+    os.utime(store.used_path(commit.id), (0, 0))
+    hub.resolve("ds@v1")
+    assert store.last_used(commit.id) > 1  # the use was recorded on the site root
+    assert before is not None
+    # the module-level API reads the same environment
+    assert cachehub.resolve("ds@v1") == path
+    assert any(e["action"] == "resolve" for e in hub.catalog.audit_events(dataset="ds"))
+
+
+def test_resolve_by_commit_id_needs_neither_lake_nor_catalog(hub: Hub, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    r = hub.push(write_tree(tmp_path / "src", {"x": "1"}), "ds")
+    hub.cache("ds")
+    broken = replace(hub.settings, lake_url=str(tmp_path / "no-such-lake"), home=tmp_path / "other-home")
+    with Hub(broken) as offline:
+        assert offline.resolve(f"ds@{r.commit}") == Path(hub.settings.site().root) / "commits" / r.commit
+        assert not (tmp_path / "no-such-lake").exists()
+
+
+@pytest.mark.parametrize("mode", ["symlink", "copy", "hardlink"])
+def test_link_modes(hub: Hub, tmp_path: Path, mode: str) -> None:
+    src = write_tree(tmp_path / "src", {"a/x": "same", "b/y": "same", "z": "other"})
+    hub.push(src, "ds")
+    hub.site_add("s", tmp_path / f"site-{mode}", link=mode)
+    path = Path(hub.cache("ds", site="s").path)
+    assert tree_digest(path) == tree_digest(src)
+    st = os.lstat(path / "a/x")
+    if mode == "symlink":
+        assert stat.S_ISLNK(st.st_mode) and not os.readlink(path / "a/x").startswith("/")
+        assert os.stat(path / "a/x").st_size == 4  # real size through the link
+    elif mode == "copy":
+        assert stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+    else:
+        assert st.st_nlink >= 3  # object + two paths with the same content
+
+
+def test_auto_falls_back_to_copy_past_the_link_limit(hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EMLINK is injected (making 65,000 real links would take minutes): the one mocked fault here."""
+    files = {f"dup/{i:03d}": "identical" for i in range(10)}
+    src = write_tree(tmp_path / "src", files)
+    hub.push(src, "ds")
+    real_link = os.link
+    calls = {"n": 0}
+
+    def link(a, b, *args, **kw):  # type: ignore[no-untyped-def]
+        if str(b).count("staging"):
+            calls["n"] += 1
+            if calls["n"] > 4:
+                raise OSError(errno.EMLINK, "Too many links")
+        return real_link(a, b, *args, **kw)
+
+    monkeypatch.setattr("cachehub.store.os.link", link)
+    path = Path(hub.cache("ds").path)
+    assert tree_digest(path) == tree_digest(src)
+    nlinks = sorted(os.stat(path / name).st_nlink for name in files)
+    assert nlinks.count(1) == 6  # the copies made after the limit
+
+
+def test_hardlink_mode_reports_the_filesystem_refusal(hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hub.push(write_tree(tmp_path / "src", {"x": "1"}), "ds")
+    hub.site_add("strict", tmp_path / "strict", link="hardlink")
+
+    def link(a, b, *args, **kw):  # type: ignore[no-untyped-def]
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr("cachehub.store.os.link", link)
+    with pytest.raises(OSError):
+        hub.cache("ds", site="strict")
+    assert site_state(tmp_path / "strict")["commits"] == []
+    assert site_state(tmp_path / "strict")["staging"] == []
+
+
+def _publish_hostile_commit(hub: Hub, tmp_path: Path, bad_path: str) -> str:
+    """Write a commit whose manifest names ``bad_path`` straight into the lake (as an attacker could)."""
+    good = hashlib.sha256(b"ok").hexdigest()
+    text = f"#cachehub-manifest format_version=1\n{good}\t2\t{bad_path}\n"
+    raw = text.encode()
+    mid = hashlib.sha256(raw).hexdigest()
+    hub.lake.ensure_initialised()
+    hub.lake.backend.write(manifest_key(mid), gzip.compress(raw))
+    hub.lake.backend.write(object_key(good), b"ok")
+    commit = hub.lake.write_commit(
+        {
+            "format": COMMIT_FORMAT,
+            "format_version": COMMIT_FORMAT_VERSION,
+            "dataset": "evil",
+            "manifest": mid,
+            "files": 1,
+            "bytes": 2,
+            "parents": [],
+            "author": "mallory",
+            "host": "x",
+            "message": "",
+            "created": now_iso(),
+            "derived_from": [],
+            "transform": None,
+        }
+    )
+    return commit.id
+
+
+@pytest.mark.parametrize("bad", ["../../escape", "/etc/cron.d/evil", "a/../../b", "ok/./x"])
+def test_hostile_manifest_is_refused_before_anything_is_written(hub: Hub, tmp_path: Path, bad: str) -> None:
+    hub.push(write_tree(tmp_path / "src", {"x": "1"}), "fine")
+    hub.cache("fine")
+    root = Path(hub.settings.site().root)
+    before = site_state(root)
+    _publish_hostile_commit(hub, tmp_path, bad)
+    with pytest.raises(UnsafePathError):
+        hub.cache("evil")
+    assert site_state(root) == before
+    assert not (tmp_path / "escape").exists()
+
+
+def test_corrupt_object_is_rejected_and_not_stored(hub: Hub, tmp_path: Path) -> None:
+    src = write_tree(tmp_path / "src", {"good": "good bytes", "bad": "original bytes"})
+    hub.push(src, "ds")
+    bad_sha = hashlib.sha256(b"original bytes").hexdigest()
+    hub.lake.backend.write(object_key(bad_sha), b"tampered bytes")  # bit rot / tampering in the lake
+    root = Path(hub.settings.site().root)
+    with pytest.raises(IntegrityError, match=bad_sha):
+        hub.cache("ds")
+    store = SiteStore(hub.settings.site())
+    assert not store.object_path(bad_sha).exists()
+    assert site_state(root)["commits"] == [] and site_state(root)["staging"] == []
+
+
+def test_verify_and_repair(hub: Hub, tmp_path: Path) -> None:
+    src = write_tree(tmp_path / "src", {"a": "alpha", "b": "bravo", "c/d": "delta"})
+    hub.push(src, "ds")
+    path = Path(hub.cache("ds").path)
+    assert hub.verify("ds").ok
+    # damage one file in place and delete another (as root can, despite the read-only modes)
+    os.chmod(path / "a", 0o644)
+    (path / "a").write_text("ALPHA")
+    os.chmod(path / "c", 0o755)
+    (path / "c/d").unlink()
+    os.chmod(path / "c", 0o555)
+    report = hub.verify("ds")
+    assert report.damaged == ("a",) and report.missing == ("c/d",) and not report.ok
+    fixed = hub.verify("ds", repair=True)
+    assert set(fixed.repaired) == {"a", "c/d"} and fixed.ok
+    assert tree_digest(path) == tree_digest(src)
+    assert hub.verify("ds").ok
+
+
+def test_status_reports_sharing_and_space(hub: Hub, tmp_path: Path) -> None:
+    src = write_tree(tmp_path / "src", {"a": "x" * 1000, "b": "y" * 500})
+    hub.push(src, "ds", tag="v1")
+    (src / "c").write_text("z" * 10)
+    hub.push(src, "ds", tag="v2")
+    hub.cache("ds@v1")
+    hub.cache("ds@v2")
+    [s] = hub.status("local")
+    assert len(s["commits"]) == 2
+    assert s["object_bytes"] == 1510 and s["logical_bytes"] == 1500 + 1510 and s["shared_bytes"] == 1500
+    assert s["fs_free"] > 0 and s["fs_total"] >= s["fs_free"]
+
+
+def test_site_root_may_not_hold_the_catalog(hub: Hub, tmp_path: Path) -> None:
+    from cachehub.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="catalog"):
+        hub.site_add("bad", hub.settings.home)
+    assert "bad" not in hub.settings.sites
+
+
+def test_unknown_site_names_the_fix(hub: Hub, tmp_path: Path) -> None:
+    from cachehub.errors import SiteNotFoundError
+
+    hub.push(write_tree(tmp_path / "src", {"x": "1"}), "ds")
+    with pytest.raises(SiteNotFoundError, match="cachehub site add gpu-z"):
+        hub.cache("ds", site="gpu-z")
