@@ -15,8 +15,6 @@ import sqlite3
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import sqlite_utils
-
 from .errors import CachehubError, ConfigError
 from .fsutil import HOST
 from .lake import canonical_json, now_iso
@@ -80,9 +78,18 @@ class Catalog:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA foreign_keys=ON")
-        self.db = sqlite_utils.Database(conn)
         self.conn = conn
+        self._db: object = None
         self._migrate()
+
+    @property
+    def db(self):  # type: ignore[no-untyped-def]
+        """sqlite-utils over the same connection, imported on first write (keeps resolve fast)."""
+        if self._db is None:
+            import sqlite_utils
+
+            self._db = sqlite_utils.Database(self.conn)
+        return self._db
 
     def close(self) -> None:
         self.conn.close()

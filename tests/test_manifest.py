@@ -91,11 +91,11 @@ def test_reader_refuses_unknown_version_and_garbage(tmp_path: Path) -> None:
 
 
 def test_diff_streams_large_manifests_in_bounded_memory(tmp_path: Path) -> None:
-    """200k entries each side: diff consumes iterators (nothing is materialised)."""
+    """100k entries each side: diff consumes iterators (nothing is materialised)."""
     import tracemalloc
 
     h1, h2 = hashlib.sha256(b"1").hexdigest(), hashlib.sha256(b"2").hexdigest()
-    n = 200_000
+    n = 100_000
     paths = [f"d{i % 7}/f{i:07d}" for i in range(n)]
     paths.sort(key=str.encode)
     write_manifest(tmp_path / "a", (ManifestEntry(p, 1, h1) for p in paths))
@@ -106,4 +106,4 @@ def test_diff_streams_large_manifests_in_bounded_memory(tmp_path: Path) -> None:
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert changed == n // 1000
-    assert peak < 20 * 1024 * 1024, f"diff peaked at {peak} bytes"
+    assert peak < 5 * 1024 * 1024, f"diff peaked at {peak} bytes"  # a list of the entries would be >15 MB

@@ -1,0 +1,141 @@
+"""The real ``cachehub`` command in subprocesses: output shapes, --json, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from cachehub.errors import (
+    ConflictError,
+    DatasetNotFoundError,
+    InvalidRefError,
+    NotCachedError,
+    RefNotFoundError,
+)
+
+from .conftest import run_cli, tree_digest, write_tree
+
+
+def J(*args: str, env: dict[str, str]) -> object:
+    result = run_cli(*args, "--json", env=env, check=True)
+    return json.loads(result.stdout)
+
+
+def test_end_to_end_on_both_backends(tmp_path: Path, env: dict[str, str]) -> None:
+    src = write_tree(tmp_path / "src", {"a/1.png": "one", "a/2.png": "two", "b/3.png": "three"})
+    init = J("init", env=env)
+    assert init["site"] == "local"
+    first = J("push", str(src), "xray", "-m", "v1 export", "--tag", "v1", env=env)
+    assert first["created"] and first["uploaded_files"] == 3
+    (src / "a/2.png").write_text("TWO!")
+    (src / "c.png").write_text("new")
+    second = J("push", str(src), "xray", "--tag", "v2", env=env)
+    same = J("push", str(src), "xray", env=env)
+    assert same["created"] is False and same["uploaded_files"] == 0 and same["commit"] == second["commit"]
+
+    log = J("log", "xray", env=env)
+    assert [c["id"] for c in log] == [second["commit"], first["commit"]]  # newest first
+    shown = J("show", "xray@v1", env=env)
+    assert shown["commit"] == first["commit"] and shown["tags"] == ["v1"] and shown["files"] == 3
+    changes = J("diff", "xray@v1", "xray@v2", env=env)
+    assert changes == [
+        {"path": "a/2.png", "change": "modified", "old_size": 3, "new_size": 4},
+        {"path": "c.png", "change": "added", "old_size": None, "new_size": 3},
+    ]
+    assert J("diff", "--stat", "xray@v1", "xray@v2", env=env)["modified"] == 1
+    assert [e["path"] for e in J("ls", "xray@v2", "a", env=env)] == ["a/1.png", "a/2.png"]
+    [ds] = J("datasets", env=env)
+    assert ds["name"] == "xray" and ds["commits"] == 2 and ds["tags"] == ["v1", "v2"]
+
+    c1 = J("cache", "xray@v1", env=env)
+    assert {"dataset", "commit", "site", "path", "fetched_files", "fetched_bytes", "reused_files", "reused_bytes", "seconds"} <= c1.keys()
+    c2 = J("cache", "xray@v2", env=env)
+    assert c2["fetched_files"] == 2 and c2["reused_files"] == 2
+    assert tree_digest(Path(c2["path"])) == tree_digest(src)
+    path = run_cli("path", "xray@v2", env=env, check=True).stdout.strip()
+    assert path == c2["path"]
+    status = J("status", env=env)
+    assert [len(s["commits"]) for s in status] == [2]
+    assert J("verify", "xray@v2", env=env)["ok"] is True
+
+
+def test_exit_codes_and_messages(tmp_path: Path, local_env: dict[str, str]) -> None:
+    env = local_env
+    src = write_tree(tmp_path / "src", {"x": "1"})
+    run_cli("push", str(src), "ds", "--tag", "v1", env=env, check=True)
+    cases = [
+        (("path", "nope@v1"), DatasetNotFoundError.exit_code, "cachehub push DIR nope"),
+        (("path", "ds@v9"), RefNotFoundError.exit_code, "cachehub log ds"),
+        (("path", "ds@@v1"), InvalidRefError.exit_code, "malformed"),
+        (("path", "ds@v1"), NotCachedError.exit_code, "cachehub cache ds@v1"),
+        (("tag", "ds@v1", "latest"), InvalidRefError.exit_code, "reserved"),
+        (("push", str(src / "missing"), "ds"), 1, "not a directory"),
+        (("push",), 2, "Missing argument"),
+        (("no-such-command",), 2, "No such command"),
+    ]
+    for args, code, text in cases:
+        result = run_cli(*args, env=env)
+        assert result.returncode == code, (args, result.returncode, result.stderr)
+        assert text in result.stderr, (args, result.stderr)
+        if code != 2:
+            assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert NotCachedError.exit_code == 3
+
+
+def test_tag_conflict_and_force(tmp_path: Path, local_env: dict[str, str]) -> None:
+    env = local_env
+    src = tmp_path / "src"
+    write_tree(src, {"x": "1"})
+    a = json.loads(run_cli("push", str(src), "ds", "--json", env=env, check=True).stdout)["commit"]
+    write_tree(src, {"x": "2"})
+    b = json.loads(run_cli("push", str(src), "ds", "--json", env=env, check=True).stdout)["commit"]
+    run_cli("tag", f"ds@{a[:10]}", "prod", env=env, check=True)
+    moved = run_cli("tag", f"ds@{b[:10]}", "prod", env=env)
+    assert moved.returncode == ConflictError.exit_code and "--force" in moved.stderr
+    run_cli("tag", f"ds@{b[:10]}", "prod", "--force", env=env, check=True)
+    assert json.loads(run_cli("show", "ds@prod", "--json", env=env, check=True).stdout)["commit"] == b
+
+
+def test_verify_exit_code_and_repair(tmp_path: Path, local_env: dict[str, str]) -> None:
+    env = local_env
+    run_cli("push", str(write_tree(tmp_path / "src", {"x": "hello"})), "ds", env=env, check=True)
+    path = Path(run_cli("cache", "ds", env=env, check=True).stdout.strip())
+    os.chmod(path / "x", 0o644)
+    (path / "x").write_text("HELLO")
+    damaged = run_cli("verify", "ds", env=env)
+    assert damaged.returncode == 9 and "damaged  x" in damaged.stdout
+    assert run_cli("verify", "ds", "--repair", env=env).returncode == 0
+    assert (path / "x").read_text() == "hello"
+
+
+def test_site_commands(tmp_path: Path, local_env: dict[str, str]) -> None:
+    env = local_env
+    root = tmp_path / "nfs" / "cachehub"
+    added = json.loads(run_cli("site", "add", "gpu-a", "--root", str(root), "--link", "copy", "--json", env=env, check=True).stdout)
+    assert added == {"name": "gpu-a", "root": str(root), "link": "copy"}
+    assert (root / "cachehub-site.json").exists()
+    names = {s["name"] for s in json.loads(run_cli("site", "list", "--json", env=env, check=True).stdout)}
+    assert names == {"local", "gpu-a"}
+    run_cli("site", "set", "gpu-a", "--link", "symlink", env=env, check=True)
+    shown = json.loads(run_cli("site", "show", "gpu-a", "--json", env=env, check=True).stdout)
+    assert shown["link"] == "symlink" and shown["root"] == str(root)
+    dup = run_cli("site", "add", "gpu-a", "--root", str(root), env=env)
+    assert dup.returncode == ConflictError.exit_code
+    # environment overrides never leak into config.toml
+    config = (Path(env["CACHEHUB_HOME"]) / "config.toml").read_text()
+    assert env["CACHEHUB_LAKE"] not in config and "gpu-a" in config
+
+
+def test_catalog_rebuild_command(tmp_path: Path, local_env: dict[str, str]) -> None:
+    env = local_env
+    run_cli("push", str(write_tree(tmp_path / "src", {"x": "1"})), "ds", "--tag", "v1", env=env, check=True)
+    run_cli("cache", "ds@v1", env=env, check=True)
+    before = run_cli("log", "ds", "--json", env=env, check=True).stdout
+    catalog = Path(env["CACHEHUB_HOME"]) / "catalog.db"
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(catalog) + suffix).unlink(missing_ok=True)
+    counts = json.loads(run_cli("catalog", "rebuild", "--json", env=env, check=True).stdout)
+    assert counts["datasets"] == 1 and counts["commits"] == 1 and counts["cache_entries"] == 1
+    assert run_cli("log", "ds", "--json", env=env, check=True).stdout == before
+    assert run_cli("path", "ds@v1", env=env).returncode == 0
