@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     AmbiguousRefError,
@@ -59,6 +59,14 @@ def resolve(ref: str, site: str | None = None, fetch: bool = False) -> Path:
     return default_hub().resolve(ref, site=site, fetch=fetch)
 
 
+def use(ref: str, site: str | None = None, fetch: bool = False, run: str | None = None) -> Any:
+    """``with cachehub.use("chest-xray@v3") as path:`` -- the path, leased for the block.
+
+    A leased entry is never evicted; the lease lives on the site root so every host sees it.
+    """
+    return default_hub().use(ref, site=site, fetch=fetch, run=run)
+
+
 def __getattr__(name: str) -> object:
     if name == "Hub":
         from .api import Hub
@@ -85,4 +93,5 @@ __all__ = [
     "UnsafePathError",
     "default_hub",
     "resolve",
+    "use",
 ]

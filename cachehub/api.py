@@ -7,8 +7,11 @@ Every CLI command is a few lines over one method here. Module-level shortcuts in
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import diff as diffmod
 from .catalog import Catalog, current_user
@@ -26,6 +29,10 @@ from .manifest import read_manifest
 from .model import CacheResult, Commit, DatasetInfo, DiffEntry, ManifestEntry, PushResult, Site, Tag, VerifyResult
 from .progress import NULL, Progress
 from .refs import LATEST, Ref, parse_ref, validate_dataset_name, validate_tag_name
+
+if TYPE_CHECKING:
+    from .evict import EvictionPlan, EvictionResult
+    from .store import SiteStore
 
 
 class Hub:
@@ -304,29 +311,31 @@ class Hub:
 
 
     # -- sites and caches --------------------------------------------------------------------
-    def site_add(self, name: str, root: str | os.PathLike[str], *, link: str = "auto", replace: bool = False) -> Site:
-        """Register a site (a cache root near compute) in config.toml and lay out its root."""
-        from .config import LINK_MODES, validate_site_name
+    def site_add(self, name: str, root: str | os.PathLike[str], *, link: str = "auto", **policy: object) -> Site:
+        """Register a site (a cache root near compute) in config.toml and lay out its root.
+
+        ``policy`` takes ``ttl`` ("1d", seconds), ``quota`` ("2T", bytes), ``low_watermark``
+        ("80%"), ``min_free`` ("10%") and ``grace`` ("10m"); see docs/operations.md.
+        """
+        from .config import validate_site_name
 
         validate_site_name(name)
-        if link not in LINK_MODES:
-            raise ConfigError(f"unknown link mode {link!r}; use one of {', '.join(LINK_MODES)}")
-        if name in self.settings.sites and not replace:
+        if name in self.settings.sites:
             existing = self.settings.sites[name]
             raise ConflictError(
                 f"site {name!r} already exists (root {existing.root}); change it with: cachehub site set {name} --root PATH"
             )
-        return self._save_site(Site(name=name, root=os.path.abspath(os.path.expanduser(root)), link=link), "site-add")
+        site = _with_policy(Site(name=name, root=os.path.abspath(os.path.expanduser(root))), link=link, **policy)
+        return self._save_site(site, "site-add")
 
-    def site_set(self, name: str, *, root: str | os.PathLike[str] | None = None, link: str | None = None) -> Site:
-        """Change a site's root or link mode (the old root is left as it is)."""
-        from .config import LINK_MODES
-
+    def site_set(self, name: str, *, root: str | os.PathLike[str] | None = None, **changes: object) -> Site:
+        """Change a site's root, link mode or policy (an old root is left as it is)."""
         current = self.settings.site(name)
-        if link is not None and link not in LINK_MODES:
-            raise ConfigError(f"unknown link mode {link!r}; use one of {', '.join(LINK_MODES)}")
-        new_root = os.path.abspath(os.path.expanduser(root)) if root is not None else current.root
-        return self._save_site(Site(name=name, root=new_root, link=link or current.link), "site-set")
+        if root is not None:
+            from dataclasses import replace
+
+            current = replace(current, root=os.path.abspath(os.path.expanduser(root)))
+        return self._save_site(_with_policy(current, **changes), "site-set")
 
     def _save_site(self, site: Site, action: str) -> Site:
         from dataclasses import replace
@@ -338,12 +347,14 @@ class Hub:
             raise ConfigError(f"site root {site.root} would contain the catalog; the catalog must stay on local disk outside it")
         SiteStore(site).ensure()
 
+        from .config import site_to_config
+
         def change(data: dict) -> None:
-            data.setdefault("sites", {})[site.name] = {"root": site.root, "link": site.link}
+            data.setdefault("sites", {})[site.name] = site_to_config(site)
 
         update_config(self.settings.home, change)
         self.settings = replace(self.settings, sites={**self.settings.sites, site.name: site})
-        self.catalog.audit(action, site=site.name, root=site.root, link=site.link)
+        self.catalog.audit(action, site=site.name, **site_to_config(site))
         return site
 
     def sites(self) -> list[Site]:
@@ -361,35 +372,201 @@ class Hub:
 
         return verify(self, ref, site=site, repair=repair, progress=progress)
 
-    def resolve(self, ref: str, *, site: str | None = None, fetch: bool = False, record: bool = True) -> Path:
+    def resolve(self, ref: str, *, site: str | None = None, fetch: bool = False) -> Path:
         """The local, read-only path of a cached commit; with ``fetch`` cache it first.
 
         A full commit id is answered from the site root alone; a tag or prefix from the local
-        catalog. The use is recorded as the mtime of ``<root>/used/<commit-id>`` (one utime).
+        catalog. The use is recorded (mtime of ``<root>/used/<commit-id>``) *before* the tree
+        is checked, so an eviction running at that moment either sees the use and keeps the
+        tree, or has already removed it and this call reports it missing. A bare resolve
+        protects the entry for the site's ``grace`` period (default 10 min); hold a lease with
+        ``use()`` for longer jobs.
         """
         from .store import SiteStore
 
         parsed = parse_ref(ref)
         store = SiteStore(self.settings.site(site))
-        if len(parsed.ref) == 64 and parsed.could_be_commit and store.is_cached(parsed.ref):
+        if len(parsed.ref) == 64 and parsed.could_be_commit:
             commit_id, dataset = parsed.ref, parsed.dataset
         else:
             commit = self.resolve_commit(parsed)
             commit_id, dataset = commit.id, commit.dataset
-            if not store.is_cached(commit_id):
-                if not fetch:
-                    raise NotCachedError(
-                        f"{parsed} ({commit.short}) is not cached at site {store.site.name}; "
-                        f"run: cachehub cache {parsed} --site {store.site.name}",
-                        dataset=dataset,
-                        commit=commit_id,
-                        site=store.site.name,
-                    )
-                self.cache(str(parsed), site=store.site.name)
-        if record:
-            store.touch(commit_id)
-            self.catalog.audit("resolve", dataset=dataset, commit=commit_id, ref=parsed.ref, site=store.site.name)
+        store.touch(commit_id)
+        if not _present(store, commit_id):
+            if not fetch:
+                raise NotCachedError(
+                    f"{parsed} ({commit_id[:12]}) is not cached at site {store.site.name}; "
+                    f"run: cachehub cache {parsed} --site {store.site.name}",
+                    dataset=dataset,
+                    commit=commit_id,
+                    site=store.site.name,
+                )
+            self.cache(f"{dataset}@{commit_id}", site=store.site.name)
+        self.catalog.audit("resolve", dataset=dataset, commit=commit_id, ref=parsed.ref, site=store.site.name)
         return store.commit_path(commit_id)
+
+    @contextmanager
+    def use(
+        self,
+        ref: str,
+        *,
+        site: str | None = None,
+        fetch: bool = False,
+        run: str | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[Path]:
+        """``with hub.use("ds@v3") as path:`` -- the path, leased for the block's duration.
+
+        The lease lives on the site root (every host sees it), renews its heartbeat from a
+        background thread, and is released when the block ends, even on error.
+        """
+        from .lease import Lease
+        from .policy import DEFAULT_LEASE_TIMEOUT
+        from .store import SiteStore
+
+        parsed = parse_ref(ref)
+        store = SiteStore(self.settings.site(site))
+        commit_id = parsed.ref if len(parsed.ref) == 64 and parsed.could_be_commit else self.resolve_commit(parsed).id
+        held = Lease(store, commit_id, user=self.user, run=run, timeout=timeout or DEFAULT_LEASE_TIMEOUT)
+        try:
+            path = self.resolve(f"{parsed.dataset}@{commit_id}", site=site, fetch=fetch)
+            self.catalog.audit("use", dataset=parsed.dataset, commit=commit_id, ref=parsed.ref, site=store.site.name, lease=held.id, run=run)
+            yield path
+        finally:
+            held.release()
+
+    def pin(self, ref: str, *, site: str | None = None, reason: str = "") -> bool:
+        """Keep a cached entry hot: a pinned entry is never evicted. False if already pinned."""
+        from . import lease
+        from .store import SiteStore
+
+        commit = self.resolve_commit(ref)
+        store = SiteStore(self.settings.site(site))
+        if not store.is_cached(commit.id):
+            raise NotCachedError(f"{ref} is not cached at site {store.site.name}; cache it first: cachehub cache {ref}")
+        changed = lease.pin(store, commit.id, user=self.user, reason=reason)
+        self.catalog.audit("pin", dataset=commit.dataset, commit=commit.id, ref=ref, site=store.site.name, reason=reason, changed=changed)
+        return changed
+
+    def unpin(self, ref: str, *, site: str | None = None) -> bool:
+        from . import lease
+        from .store import SiteStore
+
+        commit = self.resolve_commit(ref)
+        store = SiteStore(self.settings.site(site))
+        changed = lease.unpin(store, commit.id)
+        self.catalog.audit("unpin", dataset=commit.dataset, commit=commit.id, ref=ref, site=store.site.name, changed=changed)
+        return changed
+
+    def leases(self, site: str | None = None) -> list[dict]:
+        """Every lease at a site with whether its holder is alive."""
+        from . import lease
+        from .store import SiteStore
+
+        store = SiteStore(self.settings.site(site))
+        return [
+            {"lease": x.id, "commit": x.commit, "host": x.host, "pid": x.pid, "user": x.user, "run": x.run, "created": x.created, "live": x.live()}
+            for x in lease.leases(store)
+        ]
+
+    def plan_eviction(
+        self,
+        *,
+        site: str | None = None,
+        refs: Iterable[str] | None = None,
+        expired_only: bool = False,
+        need_bytes: int = 0,
+        now: float | None = None,
+    ) -> EvictionPlan:
+        """What an eviction would remove, and why; nothing is changed.
+
+        ``refs``: exactly those entries. Otherwise expired entries, then (unless
+        ``expired_only``) least recently used ones while the site is over its quota or
+        free-space floor, or lacks ``need_bytes`` for an admission.
+        """
+        from .evict import gather, plan_eviction
+        from .store import SiteStore
+
+        store = SiteStore(self.settings.site(site))
+        now = time.time() if now is None else now
+        entries, usage = gather(store, now=now)
+        only = [self.resolve_commit(r).id for r in refs] if refs else None
+        fs = _fs_space(store.root)
+        return plan_eviction(
+            entries,
+            store.site,
+            now=now,
+            usage=usage,
+            fs_free=fs["fs_free"],
+            fs_total=fs["fs_total"],
+            need_bytes=need_bytes,
+            capacity=not expired_only,
+            only=only,
+        )
+
+    def evict(
+        self,
+        refs: Iterable[str] | None = None,
+        *,
+        site: str | None = None,
+        expired_only: bool = False,
+        dry_run: bool = False,
+        now: float | None = None,
+        reason: str | None = None,
+    ) -> tuple[EvictionPlan, EvictionResult | None]:
+        """Plan and (unless ``dry_run``) carry out an eviction; every removal is audited.
+
+        With ``refs``: exactly those entries (refusing pinned, leased or just-used ones). Without:
+        expired entries, then least recently used ones if the site is over its quota or free-space
+        floor. Leases of dead holders are reaped first.
+        """
+        from .evict import execute
+        from .store import SiteStore
+
+        store = SiteStore(self.settings.site(site))
+        if not dry_run:
+            self._reap(store, now)
+        plan = self.plan_eviction(site=site, refs=refs, expired_only=expired_only, now=now)
+        if refs:
+            refused = [f"{e.dataset}@{e.commit[:12]} ({why})" for e, why in plan.kept]
+            if refused:
+                raise ConflictError(f"not evicting {', '.join(refused)}: unpin it, or wait for its users to finish")
+        if dry_run:
+            return plan, None
+        result = execute(store, plan)
+        self._audit_evictions(store, result, reason)
+        return plan, result
+
+    def gc(self, *, site: str | None = None, dry_run: bool = False) -> dict[str, int]:
+        """Remove content objects no cached commit at the site references."""
+        from .evict import gc
+        from .store import SiteStore
+
+        store = SiteStore(self.settings.site(site))
+        count, nbytes = gc(store, dry_run=dry_run)
+        if not dry_run:
+            self.catalog.audit("gc", site=store.site.name, objects=count, bytes=nbytes)
+        return {"objects": count, "bytes": nbytes, "dry_run": dry_run}
+
+    def _reap(self, store: SiteStore, now: float | None) -> None:
+        from . import lease
+
+        for dead in lease.reap(store, now):
+            self.catalog.audit(
+                "lease-reap", commit=dead.commit, site=store.site.name, lease=dead.id, host=dead.host, pid=dead.pid, reason="holder gone"
+            )
+
+    def _audit_evictions(self, store: SiteStore, result: EvictionResult, reason: str | None) -> None:
+        with self.catalog.transaction():
+            for ev in result.evicted:
+                self.catalog.remove_cache_entry(store.site.name, ev.entry.commit)
+                self.catalog.audit(
+                    "evict", dataset=ev.entry.dataset, commit=ev.entry.commit, site=store.site.name, reason=reason or ev.reason, bytes=ev.entry.bytes
+                )
+            for cid in result.restored:
+                self.catalog.audit("evict-abandoned", commit=cid, site=store.site.name, reason="used or leased during eviction")
+            if result.gc_objects:
+                self.catalog.audit("gc", site=store.site.name, objects=result.gc_objects, bytes=result.gc_bytes)
 
     def status(self, site: str | None = None) -> list[dict]:
         """Per site: cached commits, their sizes, bytes shared between them, filesystem space."""
@@ -471,12 +648,48 @@ def init(
         }
 
 
+def _with_policy(site: Site, **changes: object) -> Site:
+    """``site`` with the given (unparsed) policy values applied; None means unchanged."""
+    from dataclasses import replace
+
+    from .config import LINK_MODES
+    from .policy import parse_duration, parse_fraction, parse_size
+
+    parsers = {"ttl": parse_duration, "low_watermark": parse_fraction, "min_free": parse_fraction, "grace": parse_duration}
+    values: dict[str, object] = {}
+    for key, raw in changes.items():
+        if raw is None:
+            continue
+        if key == "link":
+            if raw not in LINK_MODES:
+                raise ConfigError(f"unknown link mode {raw!r}; use one of {', '.join(LINK_MODES)}")
+            values[key] = raw
+        elif key == "quota":
+            values[key] = None if raw in ("", "0", 0, "none") else parse_size(raw)  # type: ignore[arg-type]
+        elif key in parsers:
+            values[key] = parsers[key](raw)  # type: ignore[operator]
+        else:
+            raise TypeError(f"unknown site setting {key!r}")
+    return replace(site, **values)  # type: ignore[arg-type]
+
+
 def lake_identity(url: str) -> str:
     """A stable name for a lake URL (absolute path for a directory, URL without trailing / for S3)."""
     if "://" in url and not url.startswith("file://"):
         return url.rstrip("/")
     path = url[len("file://") :] if url.startswith("file://") else url
     return os.path.abspath(os.path.expanduser(path))
+
+
+def _present(store: SiteStore, commit_id: str) -> bool:
+    """Is the tree published? Waits briefly while an evictor may be putting it back."""
+    for _ in range(5):
+        if store.is_cached(commit_id):
+            return True
+        if not any((store.root / "trash").glob(f"{commit_id}.*")):
+            return False
+        time.sleep(0.05)
+    return store.is_cached(commit_id)
 
 
 def _inside(path: Path, root: Path) -> bool:

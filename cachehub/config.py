@@ -26,6 +26,17 @@ from pathlib import Path
 from .errors import ConfigError, InvalidRefError, SiteNotFoundError
 from .fsutil import atomic_write
 from .model import Site
+from .policy import (
+    DEFAULT_GRACE,
+    DEFAULT_LOW_WATERMARK,
+    DEFAULT_MIN_FREE,
+    DEFAULT_TTL,
+    format_duration,
+    format_size,
+    parse_duration,
+    parse_fraction,
+    parse_size,
+)
 from .refs import validate_dataset_name
 
 CONFIG_FORMAT_VERSION = 1
@@ -145,7 +156,28 @@ def _site_from(name: str, spec: dict, where: Path) -> Site:
     link = spec.get("link", "auto")
     if link not in LINK_MODES:
         raise ConfigError(f"{where}: site {name!r} has link = {link!r}; use one of {', '.join(LINK_MODES)}")
-    return Site(name=name, root=str(Path(spec["root"]).expanduser()), link=link)
+    quota = spec.get("quota")
+    return Site(
+        name=name,
+        root=str(Path(spec["root"]).expanduser()),
+        link=link,
+        ttl=parse_duration(spec.get("ttl", DEFAULT_TTL)),
+        quota=parse_size(quota) if quota not in (None, "", 0, "0") else None,
+        low_watermark=parse_fraction(spec.get("low_watermark", DEFAULT_LOW_WATERMARK)),
+        min_free=parse_fraction(spec.get("min_free", DEFAULT_MIN_FREE)),
+        grace=parse_duration(spec.get("grace", DEFAULT_GRACE)),
+    )
+
+
+def site_to_config(site: Site) -> dict:
+    """The config.toml table of a site (human units)."""
+    table: dict = {"root": site.root, "link": site.link, "ttl": format_duration(site.ttl)}
+    if site.quota:
+        table["quota"] = format_size(site.quota)
+    table["low_watermark"] = f"{site.low_watermark * 100:g}%"
+    table["min_free"] = f"{site.min_free * 100:g}%"
+    table["grace"] = format_duration(site.grace)
+    return table
 
 
 def _toml_value(value: object) -> str:

@@ -96,11 +96,16 @@ class DatasetInfo:
 
 @dataclass(frozen=True)
 class Site:
-    """A cache location near compute and its policy."""
+    """A cache location near compute and its policy (see docs/operations.md)."""
 
     name: str
     root: str
     link: str = "auto"  # auto | hardlink | symlink | copy
+    ttl: float = 86400.0  # seconds idle before an entry expires; 0 disables
+    quota: int | None = None  # bytes the site may use; None: only the filesystem limits it
+    low_watermark: float = 0.8  # capacity eviction frees down to this fraction of the quota
+    min_free: float = 0.0  # fraction of the filesystem to keep free; 0 disables
+    grace: float = 600.0  # a bare resolve() protects an entry this many seconds
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,7 @@ class CacheResult:
     bytes: int
     seconds: float
     already_cached: bool
+    evicted: tuple[str, ...] = ()  # "dataset@commit" entries evicted to make room (admission)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import hashlib
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -108,6 +108,7 @@ def cache(
             if store.is_cached(commit.id):  # another process published it while we waited
                 store.touch(commit.id)
                 return _result(commit, store, 0, 0, commit.files, commit.bytes, started, already=True)
+            evicted = _admit(hub, store, commit, the_plan)
             fetched_files, fetched_bytes = _fetch(hub, store, commit, missing_list, the_plan, progress, jobs or hub.settings.jobs)
             _site_manifest(store, commit, manifest)
             _build_and_publish(store, commit, manifest, progress)
@@ -118,6 +119,7 @@ def cache(
         missing_list.unlink(missing_ok=True)
     store.touch(commit.id)
     result = _result(commit, store, fetched_files, fetched_bytes, the_plan.reused_files, the_plan.reused_bytes, started, already=False)
+    result = replace(result, evicted=evicted)
     with hub.catalog.transaction():
         hub.catalog.add_cache_entry(
             CacheEntry(store.site.name, commit.id, commit.dataset, result.path, commit.files, commit.bytes, now_iso(), None)
@@ -134,6 +136,36 @@ def cache(
             reused_bytes=the_plan.reused_bytes,
         )
     return result
+
+
+def _admit(hub: Hub, store: SiteStore, commit: Commit, the_plan: Plan) -> tuple[str, ...]:
+    """Make room under the site's quota and free-space floor before downloading anything.
+
+    Fails (NoSpaceError, nothing fetched) if the commit would not fit even after evicting every
+    evictable entry; otherwise evicts least recently used entries first and says which.
+    """
+    site = store.site
+    if site.quota is None and site.min_free <= 0:
+        return ()
+    from .evict import Eviction, EvictionPlan, execute
+    from .fsutil import human_bytes
+
+    plan = hub.plan_eviction(site=site.name, need_bytes=the_plan.missing_bytes)
+    if plan.shortfall > 0:
+        kept = ", ".join(f"{e.dataset}@{e.commit[:12]} ({why})" for e, why in plan.kept) or "none"
+        raise NoSpaceError(
+            f"{commit.dataset}@{commit.short} needs {human_bytes(the_plan.missing_bytes)} at site {site.name} and would not fit "
+            f"even after evicting every evictable entry: {human_bytes(plan.shortfall)} missing (kept: {kept}). "
+            "Raise the quota (cachehub site set --quota), unpin entries, or cache to another site",
+            site=site.name,
+            missing=plan.shortfall,
+        )
+    if not plan.evict:
+        return ()
+    evictions = tuple(Eviction(e.entry, "admission" if e.reason == "capacity" else e.reason) for e in plan.evict)
+    result = execute(store, EvictionPlan(evictions, (), plan.freed_bytes, plan.usage, plan.target, 0, plan.now))
+    hub._audit_evictions(store, result, None)
+    return tuple(f"{e.entry.dataset}@{e.entry.commit}" for e in result.evicted)
 
 
 def _wait_for_lock(store: SiteStore, commit_id: str) -> BuildLock | None:

@@ -327,27 +327,135 @@ def verify(
         raise typer.Exit(9)
 
 
+def _site_line(s: Any) -> str:
+    from cachehub.policy import format_duration, format_size
+
+    quota = format_size(s.quota) or "none"
+    return (
+        f"site {s.name} -> {s.root} (link {s.link}, ttl {format_duration(s.ttl)}, quota {quota}, "
+        f"low-watermark {s.low_watermark:.0%}, min-free {s.min_free:.0%}, grace {format_duration(s.grace)})"
+    )
+
+
 def _asdict(value: Any) -> dict:
     from cachehub.model import to_dict
 
     return to_dict(value)
 
 
+# -- lifecycle -------------------------------------------------------------------------------
+@app.command()
+def pin(
+    ref: Annotated[str, typer.Argument(help="NAME@REF (cached at the site).")],
+    site: SiteOpt = None,
+    reason: Annotated[str, typer.Option("--reason", help="Why it must stay (audited).")] = "",
+) -> None:
+    """Pin a cached commit: it is never evicted until unpinned."""
+    with _hub() as hub:
+        changed = hub.pin(ref, site=site, reason=reason)
+    typer.echo(f"pinned {ref}" if changed else f"{ref} was already pinned")
+
+
+@app.command()
+def unpin(ref: Annotated[str, typer.Argument(help="NAME@REF")], site: SiteOpt = None) -> None:
+    """Unpin a cached commit (it becomes evictable again)."""
+    with _hub() as hub:
+        changed = hub.unpin(ref, site=site)
+    typer.echo(f"unpinned {ref}" if changed else f"{ref} was not pinned")
+
+
+@app.command()
+def evict(
+    refs: Annotated[Optional[list[str]], typer.Argument(help="NAME@REF entries to evict (default: apply the site policy).")] = None,  # noqa: UP007
+    site: SiteOpt = None,
+    expired: Annotated[bool, typer.Option("--expired", help="Only entries idle longer than the site's TTL.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and stop.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Remove cache copies (never lake data): the given entries, or expired then least recently used ones."""
+    from cachehub.evict import describe
+
+    with _hub() as hub:
+        plan, result = hub.evict(refs or None, site=site, expired_only=expired, dry_run=dry_run)
+    body = describe(plan)
+    if result is not None:
+        body["evicted"] = [e.entry.commit for e in result.evicted]
+        body["restored"] = list(result.restored)
+        body["gc_objects"], body["gc_bytes"] = result.gc_objects, result.gc_bytes
+    if json_out:
+        _emit(body)
+        return
+    verb = "would evict" if dry_run else "evicting"
+    if not plan.evict:
+        typer.echo("nothing to evict")
+    for e in plan.evict:
+        typer.echo(f"{verb} {e.entry.dataset}@{e.entry.commit[:12]}  {e.reason:9} {_size(e.entry.bytes)} (frees {_size(e.entry.exclusive_bytes)})")
+    for e, why in plan.kept:
+        typer.echo(f"keeping {e.dataset}@{e.commit[:12]}  {why}")
+    if plan.shortfall:
+        typer.echo(f"still {_size(plan.shortfall)} over the site's limits after every evictable entry", err=True)
+    if result is not None:
+        for cid in result.restored:
+            typer.echo(f"kept {cid[:12]}: used or leased while being evicted")
+        typer.echo(f"removed {len(result.evicted)} entries; freed {result.gc_objects} objects ({_size(result.gc_bytes)})")
+
+
+@app.command()
+def gc(
+    site: SiteOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would be removed.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Remove content at a site that no cached commit references."""
+    with _hub() as hub:
+        r = hub.gc(site=site, dry_run=dry_run)
+    if json_out:
+        _emit(r)
+    else:
+        typer.echo(f"{'would remove' if dry_run else 'removed'} {r['objects']} objects ({_size(r['bytes'])})")
+
+
+@app.command()
+def leases(site: SiteOpt = None, json_out: JsonOpt = False) -> None:
+    """List leases (running jobs' claims) at a site."""
+    with _hub() as hub:
+        rows = hub.leases(site)
+    if json_out:
+        _emit(rows)
+        return
+    if not rows:
+        typer.echo("no leases")
+    for r in rows:
+        typer.echo(f"{r['commit'][:12]}  {r['user']}@{r['host']} pid {r['pid']}  run {r['run'] or '-'}  {'live' if r['live'] else 'DEAD'}")
+
+
 # -- sites -----------------------------------------------------------------------------------
+TtlOpt = Annotated[Optional[str], typer.Option("--ttl", help="Evict entries idle this long: 1d (default), 12h, 0 = never.")]  # noqa: UP007
+QuotaOpt = Annotated[Optional[str], typer.Option("--quota", help="Bytes the site may use, e.g. 2T, 500G; 0 = no quota.")]  # noqa: UP007
+LowOpt = Annotated[Optional[str], typer.Option("--low-watermark", help="Capacity eviction frees down to this share of the quota (default 80%).")]  # noqa: UP007
+MinFreeOpt = Annotated[Optional[str], typer.Option("--min-free", help="Keep this share of the filesystem free, e.g. 10% (default 0 = off).")]  # noqa: UP007
+GraceOpt = Annotated[Optional[str], typer.Option("--grace", help="A bare resolve() protects an entry this long (default 10m).")]  # noqa: UP007
+
+
 @site_app.command("add")
 def site_add(
     name: Annotated[str, typer.Argument(help="Site name, e.g. gpu-a.")],
     root: Annotated[str, typer.Option("--root", help="Cache root (an NFS export or any POSIX path).")],
     link: Annotated[str, typer.Option("--link", help="auto | hardlink | symlink | copy")] = "auto",
+    ttl: TtlOpt = None,
+    quota: QuotaOpt = None,
+    low_watermark: LowOpt = None,
+    min_free: MinFreeOpt = None,
+    grace: GraceOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Add a site."""
+    """Add a site, with its eviction policy."""
     with _hub() as hub:
-        s = hub.site_add(name, root, link=link)
+        s = hub.site_add(name, root, link=link, ttl=ttl, quota=quota, low_watermark=low_watermark, min_free=min_free, grace=grace)
     if json_out:
         _emit(s)
     else:
-        typer.echo(f"site {s.name} -> {s.root} (link {s.link})")
+        typer.echo(_site_line(s))
 
 
 @site_app.command("set")
@@ -355,15 +463,20 @@ def site_set(
     name: Annotated[str, typer.Argument(help="Site name.")],
     root: Annotated[Optional[str], typer.Option("--root", help="New cache root (the old one is left as it is).")] = None,  # noqa: UP007
     link: Annotated[Optional[str], typer.Option("--link", help="auto | hardlink | symlink | copy")] = None,  # noqa: UP007
+    ttl: TtlOpt = None,
+    quota: QuotaOpt = None,
+    low_watermark: LowOpt = None,
+    min_free: MinFreeOpt = None,
+    grace: GraceOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Change a site's root or link mode."""
+    """Change a site's root, link mode or eviction policy."""
     with _hub() as hub:
-        s = hub.site_set(name, root=root, link=link)
+        s = hub.site_set(name, root=root, link=link, ttl=ttl, quota=quota, low_watermark=low_watermark, min_free=min_free, grace=grace)
     if json_out:
         _emit(s)
     else:
-        typer.echo(f"site {s.name} -> {s.root} (link {s.link})")
+        typer.echo(_site_line(s))
 
 
 @site_app.command("list")

@@ -112,14 +112,21 @@ def test_verify_exit_code_and_repair(tmp_path: Path, local_env: dict[str, str]) 
 def test_site_commands(tmp_path: Path, local_env: dict[str, str]) -> None:
     env = local_env
     root = tmp_path / "nfs" / "cachehub"
-    added = json.loads(run_cli("site", "add", "gpu-a", "--root", str(root), "--link", "copy", "--json", env=env, check=True).stdout)
-    assert added == {"name": "gpu-a", "root": str(root), "link": "copy"}
+    added = json.loads(
+        run_cli("site", "add", "gpu-a", "--root", str(root), "--link", "copy", "--ttl", "12h", "--quota", "2T", "--json", env=env, check=True).stdout
+    )
+    assert added["name"] == "gpu-a" and added["root"] == str(root) and added["link"] == "copy"
+    assert added["ttl"] == 12 * 3600 and added["quota"] == 2 * 1024**4 and added["grace"] == 600
     assert (root / "cachehub-site.json").exists()
     names = {s["name"] for s in json.loads(run_cli("site", "list", "--json", env=env, check=True).stdout)}
     assert names == {"local", "gpu-a"}
-    run_cli("site", "set", "gpu-a", "--link", "symlink", env=env, check=True)
+    run_cli("site", "set", "gpu-a", "--link", "symlink", "--quota", "0", "--min-free", "10%", env=env, check=True)
     shown = json.loads(run_cli("site", "show", "gpu-a", "--json", env=env, check=True).stdout)
     assert shown["link"] == "symlink" and shown["root"] == str(root)
+    [listed] = [s for s in json.loads(run_cli("site", "list", "--json", env=env, check=True).stdout) if s["name"] == "gpu-a"]
+    assert listed["quota"] is None and listed["min_free"] == 0.1 and listed["ttl"] == 12 * 3600
+    bad = run_cli("site", "set", "gpu-a", "--ttl", "soon", env=env)
+    assert bad.returncode == 13 and "invalid duration" in bad.stderr
     dup = run_cli("site", "add", "gpu-a", "--root", str(root), env=env)
     assert dup.returncode == ConflictError.exit_code
     # environment overrides never leak into config.toml

@@ -1,0 +1,296 @@
+"""Eviction: decide (pure) which cache entries go, then remove them safely (I/O).
+
+``plan_eviction(entries, policy, now, ...)`` is a pure function returning an ``EvictionPlan``;
+``execute(store, plan)`` carries it out; ``gc(store)`` removes content no cached commit uses.
+Eviction only ever removes site copies: never the lake, never a pinned entry, never one with
+a live lease, never one used within the site's grace period.
+
+The race with readers (see docs/operations.md, "Eviction and running jobs"):
+
+1. a reader records its use (``used/<id>`` mtime, or a lease file) *before* it checks that the
+   tree exists;
+2. the evictor renames ``commits/<id>`` to ``trash/`` (one atomic step), then looks again at
+   the leases and the last use; if either changed since it planned, it renames the tree back.
+
+So a reader either sees the tree missing (and caches it again) or its use is seen and the tree
+stays. ``resolve()`` briefly retries when it finds a tree in trash (being evicted or restored).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import lease as leasemod
+from .fsutil import unique_suffix
+from .manifest import read_manifest
+from .model import Site
+from .store import SiteStore, remove_tree
+
+RECENT_USE_SLACK = 2.0  # seconds: coarse NFS mtimes must not hide a use during eviction
+GC_MIN_AGE = 3600.0  # objects younger than this may belong to a tree being built
+
+
+@dataclass(frozen=True)
+class EntryState:
+    """What eviction needs to know about one cached commit (gathered by ``gather``)."""
+
+    commit: str
+    dataset: str
+    bytes: int  # as seen by readers
+    exclusive_bytes: int  # freed on disk if only this entry goes
+    last_used: float
+    pinned: bool
+    leased: bool
+
+
+@dataclass(frozen=True)
+class Eviction:
+    entry: EntryState
+    reason: str  # "expired" | "capacity" | "manual"
+
+
+@dataclass(frozen=True)
+class EvictionPlan:
+    """The decision: what goes (and why), what stays (and why), and what is still missing."""
+
+    evict: tuple[Eviction, ...]
+    kept: tuple[tuple[EntryState, str], ...]
+    freed_bytes: int
+    usage: int
+    target: int | None  # usage the plan aims for (None: no capacity pressure)
+    shortfall: int  # bytes still needed after evicting every candidate (admission fails if > 0)
+    now: float = field(compare=False, default=0.0)
+
+
+def plan_eviction(
+    entries: Iterable[EntryState],
+    site: Site,
+    *,
+    now: float,
+    usage: int,
+    fs_free: int | None = None,
+    fs_total: int | None = None,
+    need_bytes: int = 0,
+    expire: bool = True,
+    capacity: bool = True,
+    only: Iterable[str] | None = None,
+) -> EvictionPlan:
+    """Decide evictions: expired entries first, then least recently used under capacity pressure.
+
+    ``need_bytes`` is space a pending cache must find (admission). ``only`` restricts the plan
+    to the given commit ids (manual eviction: no TTL or capacity logic).
+    """
+    entries = list(entries)
+    kept: list[tuple[EntryState, str]] = []
+    evict: list[Eviction] = []
+    candidates: list[EntryState] = []
+    wanted = set(only) if only is not None else None
+    for e in entries:
+        if wanted is not None and e.commit not in wanted:
+            continue
+        why = _protected(e, site, now)
+        if why:
+            kept.append((e, why))
+        else:
+            candidates.append(e)
+    if wanted is not None:
+        evict = [Eviction(e, "manual") for e in candidates]
+        freed = sum(e.exclusive_bytes for e in candidates)
+        return EvictionPlan(tuple(evict), tuple(kept), freed, usage, None, 0, now)
+
+    candidates.sort(key=lambda e: (e.last_used, e.commit))  # least recently used first
+    freed = 0
+    rest: list[EntryState] = []
+    for e in candidates:
+        if expire and site.ttl > 0 and now - e.last_used > site.ttl:
+            evict.append(Eviction(e, "expired"))
+            freed += e.exclusive_bytes
+        else:
+            rest.append(e)
+
+    need = _bytes_to_free(site, usage - freed, fs_free + freed if fs_free is not None else None, fs_total, need_bytes) + freed if capacity else 0
+    target = usage - need if need > 0 else None
+    for e in rest:
+        if freed >= need:
+            kept.append((e, "not needed"))
+            continue
+        evict.append(Eviction(e, "capacity"))
+        freed += e.exclusive_bytes
+    return EvictionPlan(tuple(evict), tuple(kept), freed, usage, target, max(0, need - freed), now)
+
+
+def _protected(e: EntryState, site: Site, now: float) -> str | None:
+    if e.pinned:
+        return "pinned"
+    if e.leased:
+        return "leased"
+    if now - e.last_used < site.grace:
+        return "used recently"
+    return None
+
+
+def _bytes_to_free(site: Site, usage: int, fs_free: int | None, fs_total: int | None, need_bytes: int) -> int:
+    """How much must go so that ``need_bytes`` fits within the quota and the free-space floor."""
+    need = 0
+    if site.quota is not None:
+        if usage + need_bytes > site.quota:
+            # admission frees what it needs; a sweep over quota frees down to the low watermark
+            floor = site.low_watermark * site.quota if need_bytes == 0 else site.quota
+            need = max(need, int(usage + need_bytes - floor))
+    if site.min_free > 0 and fs_free is not None and fs_total:
+        reserve = site.min_free * fs_total
+        if fs_free - need_bytes < reserve:
+            need = max(need, int(reserve - (fs_free - need_bytes)))
+    return need
+
+
+# -- gathering state (I/O) -------------------------------------------------------------------
+def gather(store: SiteStore, *, now: float | None = None) -> tuple[list[EntryState], int]:
+    """The site's entries with their exclusive sizes, and its current usage in bytes.
+
+    Usage counts ``objects/`` (plus the trees of a ``copy`` site). Exclusive bytes come from the
+    manifests kept at the site: content referenced by exactly one cached commit.
+    """
+    now = time.time() if now is None else now
+    cached = list(store.cached())
+    refs: dict[str, list] = {}  # sha -> [size, refcount, last commit]
+    for c in cached:
+        seen: set[str] = set()
+        for entry in read_manifest(store.manifest_path(c.manifest), validate=False):
+            if entry.sha256 in seen:
+                continue
+            seen.add(entry.sha256)
+            slot = refs.setdefault(entry.sha256, [entry.size, 0, c.commit])
+            slot[1] += 1
+            slot[2] = c.commit
+    exclusive: dict[str, int] = {}
+    for size, count, owner in refs.values():
+        if count == 1:
+            exclusive[owner] = exclusive.get(owner, 0) + size
+    entries = []
+    for c in cached:
+        last = c.last_used if c.last_used is not None else _mtime(store.meta_path(c.commit), now)
+        extra = c.bytes if store.site.link == "copy" else 0
+        entries.append(
+            EntryState(
+                commit=c.commit,
+                dataset=c.dataset,
+                bytes=c.bytes,
+                exclusive_bytes=exclusive.get(c.commit, 0) + extra,
+                last_used=last,
+                pinned=leasemod.is_pinned(store, c.commit),
+                leased=bool(leasemod.live_leases(store, c.commit, now)),
+            )
+        )
+    usage = store.object_bytes()[1] + (sum(c.bytes for c in cached) if store.site.link == "copy" else 0)
+    return entries, usage
+
+
+def _mtime(path: Path, default: float) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return default
+
+
+# -- execution (I/O) -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvictionResult:
+    evicted: tuple[Eviction, ...]
+    restored: tuple[str, ...]  # commit ids used or leased while being evicted: kept
+    gc_objects: int
+    gc_bytes: int
+
+
+def execute(store: SiteStore, plan: EvictionPlan) -> EvictionResult:
+    """Carry out a plan with the unpublish/re-check/restore protocol, then collect garbage."""
+    done: list[Eviction] = []
+    restored: list[str] = []
+    for ev in plan.evict:
+        cid = ev.entry.commit
+        trash = store.root / "trash" / f"{cid}.{unique_suffix()}"
+        trash.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(store.commit_path(cid), trash)
+        except FileNotFoundError:
+            continue  # someone else evicted it
+        if _used_since(store, cid, ev.entry.last_used, plan.now) or leasemod.live_leases(store, cid):
+            try:
+                os.rename(trash, store.commit_path(cid))
+            except OSError:
+                remove_tree(trash)  # it was re-cached meanwhile; that copy serves
+            restored.append(cid)
+            continue
+        store.meta_path(cid).unlink(missing_ok=True)
+        store.used_path(cid).unlink(missing_ok=True)
+        remove_tree(trash)
+        done.append(ev)
+    objects, nbytes = gc(store)
+    return EvictionResult(tuple(done), tuple(restored), objects, nbytes)
+
+
+def _used_since(store: SiteStore, commit_id: str, planned_last_use: float, plan_time: float) -> bool:
+    last = store.last_used(commit_id)
+    if last is None:
+        return False
+    return last > planned_last_use + 1e-6 and last >= plan_time - RECENT_USE_SLACK
+
+
+def gc(store: SiteStore, *, now: float | None = None, dry_run: bool = False) -> tuple[int, int]:
+    """Remove content objects (and manifests) no cached commit references; return (count, bytes).
+
+    Objects younger than GC_MIN_AGE are kept while a build lock is held at the site, since
+    they may be waiting to be linked into a tree being built.
+    """
+    now = time.time() if now is None else now
+    referenced: set[bytes] = set()
+    manifests: set[str] = set()
+    for c in store.cached():
+        manifests.add(c.manifest)
+        for entry in read_manifest(store.manifest_path(c.manifest), validate=False):
+            referenced.add(bytes.fromhex(entry.sha256))
+    building = any((store.root / "locks").glob("*.lock")) if (store.root / "locks").exists() else False
+    count = total = 0
+    for dirpath, _dirs, files in os.walk(store.root / "objects"):
+        for name in files:
+            try:
+                key = bytes.fromhex(name)
+            except ValueError:
+                continue
+            if key in referenced:
+                continue
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue
+            if building and now - st.st_mtime < GC_MIN_AGE:
+                continue
+            if not dry_run:
+                os.unlink(path)
+            count += 1
+            total += st.st_size
+    if not dry_run:
+        for path in (store.root / "manifests").glob("*/*.tsv.gz"):
+            if path.name[: -len(".tsv.gz")] not in manifests:
+                path.unlink(missing_ok=True)
+    return count, total
+
+
+def describe(plan: EvictionPlan) -> dict:
+    """A JSON-ready view of a plan."""
+    return {
+        "evict": [
+            {"commit": e.entry.commit, "dataset": e.entry.dataset, "reason": e.reason, "bytes": e.entry.bytes, "frees": e.entry.exclusive_bytes, "last_used": e.entry.last_used}
+            for e in plan.evict
+        ],
+        "kept": [{"commit": e.commit, "dataset": e.dataset, "why": why} for e, why in plan.kept],
+        "freed_bytes": plan.freed_bytes,
+        "usage": plan.usage,
+        "target": plan.target,
+        "shortfall": plan.shortfall,
+    }
