@@ -401,7 +401,14 @@ class Hub:
                     commit=commit_id,
                     site=store.site.name,
                 )
-            self.cache(f"{dataset}@{commit_id}", site=store.site.name)
+            from . import cache_queue
+
+            if cache_queue.daemon_info(store) is not None:
+                # a daemon serves this site: one download for every node asking at once
+                request = cache_queue.enqueue(store, dataset=dataset, commit=commit_id, ref=parsed.ref)
+                cache_queue.wait_for(store, commit_id, request)
+            else:
+                self.cache(f"{dataset}@{commit_id}", site=store.site.name)
         self.catalog.audit("resolve", dataset=dataset, commit=commit_id, ref=parsed.ref, site=store.site.name)
         return store.commit_path(commit_id)
 
@@ -434,6 +441,43 @@ class Hub:
             yield path
         finally:
             held.release()
+
+    def cache_async(self, ref: str, *, site: str | None = None) -> Path:
+        """Ask the site's daemon to cache ``ref``; returns the request file at once."""
+        from . import cache_queue
+        from .store import SiteStore
+
+        commit = self.resolve_commit(ref, refresh=True)
+        store = SiteStore(self.settings.site(site))
+        store.ensure()
+        request = cache_queue.enqueue(store, dataset=commit.dataset, commit=commit.id, ref=ref)
+        self.catalog.audit("cache-request", dataset=commit.dataset, commit=commit.id, ref=ref, site=store.site.name)
+        return request
+
+    def subscribe(self, ref: str, *, site: str | None = None, every: str | float = "10m") -> dict:
+        """Keep ``ref`` (usually ``name@latest``) cached at a site: the daemon checks every ``every``."""
+        from .policy import parse_duration
+
+        parsed = parse_ref(ref)
+        self.resolve_commit(Ref(parsed.dataset))  # the dataset must exist
+        site_obj = self.settings.site(site)
+        seconds = parse_duration(every)
+        if seconds < 1:
+            raise ConfigError("a subscription must be checked at least every few seconds: use e.g. --every 10m")
+        sub_id = self.catalog.add_subscription(parsed.dataset, parsed.ref, site_obj.name, seconds)
+        self.catalog.audit("subscribe", dataset=parsed.dataset, ref=parsed.ref, site=site_obj.name, every=seconds)
+        return {"id": sub_id, "dataset": parsed.dataset, "ref": parsed.ref, "site": site_obj.name, "every": seconds}
+
+    def unsubscribe(self, ref: str, *, site: str | None = None) -> bool:
+        parsed = parse_ref(ref)
+        site_obj = self.settings.site(site)
+        removed = self.catalog.remove_subscription(parsed.dataset, parsed.ref, site_obj.name)
+        if removed:
+            self.catalog.audit("unsubscribe", dataset=parsed.dataset, ref=parsed.ref, site=site_obj.name)
+        return removed
+
+    def subscriptions(self) -> list[dict]:
+        return self.catalog.subscriptions()
 
     def pin(self, ref: str, *, site: str | None = None, reason: str = "") -> bool:
         """Keep a cached entry hot: a pinned entry is never evicted. False if already pinned."""
@@ -582,6 +626,9 @@ class Hub:
             if store.site.link == "copy":  # trees are copies: nothing is shared with objects/
                 object_bytes += logical
             fs = _fs_space(store.root)
+            from . import cache_queue, lease
+
+            live = [x for x in lease.leases(store) if x.live()] if store.root.exists() else []
             out.append(
                 {
                     "site": name,
@@ -603,6 +650,12 @@ class Hub:
                     "object_bytes": object_bytes,
                     "logical_bytes": logical,
                     "shared_bytes": max(0, logical - object_bytes),
+                    "quota": store.site.quota,
+                    "ttl": store.site.ttl,
+                    "leases": len(live),
+                    "pinned": sum(1 for c in commits if lease.is_pinned(store, c.commit)),
+                    "queue_depth": cache_queue.depth(store) if store.root.exists() else 0,
+                    "daemon": cache_queue.daemon_info(store) if store.root.exists() else None,
                     **fs,
                 }
             )
@@ -682,13 +735,11 @@ def lake_identity(url: str) -> str:
 
 
 def _present(store: SiteStore, commit_id: str) -> bool:
-    """Is the tree published? Waits briefly while an evictor may be putting it back."""
-    for _ in range(5):
-        if store.is_cached(commit_id):
-            return True
-        if not any((store.root / "trash").glob(f"{commit_id}.*")):
-            return False
-        time.sleep(0.05)
+    """Is the tree published? Called after the use was recorded; waits out a running eviction."""
+    if (store.root / "evicting" / commit_id).exists():
+        from .evict import wait_while_evicting
+
+        wait_while_evicting(store, commit_id)
     return store.is_cached(commit_id)
 
 

@@ -58,6 +58,18 @@ MIGRATIONS.append(
         """,
     )
 )
+MIGRATIONS.append(
+    (
+        3,
+        """
+        CREATE TABLE subscriptions (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, dataset TEXT NOT NULL, ref TEXT NOT NULL,
+            site TEXT NOT NULL, every REAL NOT NULL, created TEXT NOT NULL,
+            UNIQUE (dataset, ref, site)
+        );
+        """,
+    )
+)
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
@@ -255,6 +267,28 @@ class Catalog:
             params = (site,)
         cols = ("site", "commit", "dataset", "path", "files", "bytes", "cached_at")
         return [dict(zip(cols, r, strict=True)) for r in self.conn.execute(sql + " ORDER BY site, cached_at", params)]
+
+    # -- subscriptions (local state: kept by catalog rebuild) ---------------------------------
+    def add_subscription(self, dataset: str, ref: str, site: str, every: float) -> int:
+        self.conn.execute(
+            "INSERT INTO subscriptions (dataset, ref, site, every, created) VALUES (?,?,?,?,?) "
+            "ON CONFLICT (dataset, ref, site) DO UPDATE SET every = excluded.every",
+            (dataset, ref, site, every, now_iso()),
+        )
+        row = self.conn.execute("SELECT id FROM subscriptions WHERE dataset=? AND ref=? AND site=?", (dataset, ref, site)).fetchone()
+        return int(row[0])
+
+    def remove_subscription(self, dataset: str, ref: str, site: str) -> bool:
+        cur = self.conn.execute("DELETE FROM subscriptions WHERE dataset=? AND ref=? AND site=?", (dataset, ref, site))
+        return cur.rowcount > 0
+
+    def subscriptions(self) -> list[dict]:
+        cols = ("id", "dataset", "ref", "site", "every", "created")
+        rows = self.conn.execute("SELECT id, dataset, ref, site, every, created FROM subscriptions ORDER BY id")
+        return [dict(zip(cols, r, strict=True)) for r in rows]
+
+    def subscription(self, sub_id: int) -> dict | None:
+        return next((s for s in self.subscriptions() if s["id"] == sub_id), None)
 
     # -- audit -------------------------------------------------------------------------------
     def audit(

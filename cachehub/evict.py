@@ -7,13 +7,16 @@ a live lease, never one used within the site's grace period.
 
 The race with readers (see docs/operations.md, "Eviction and running jobs"):
 
-1. a reader records its use (``used/<id>`` mtime, or a lease file) *before* it checks that the
+1. a reader first records its use (a lease file, or the ``used/<id>`` mtime), then looks for an
+   eviction marker ``evicting/<id>`` and waits while one exists, and only then checks that the
    tree exists;
-2. the evictor renames ``commits/<id>`` to ``trash/`` (one atomic step), then looks again at
-   the leases and the last use; if either changed since it planned, it renames the tree back.
+2. the evictor first creates the marker (``O_EXCL``), then looks again at the leases and the
+   last use; if either appeared since it planned, it removes the marker and keeps the tree;
+   otherwise it renames the tree to ``trash/``, removes the marker, and deletes the trash.
 
-So a reader either sees the tree missing (and caches it again) or its use is seen and the tree
-stays. ``resolve()`` briefly retries when it finds a tree in trash (being evicted or restored).
+Either the reader's use is recorded before the evictor looks (the tree stays), or the marker
+exists before the reader looks (the reader waits, then finds the tree gone and caches it
+again). A reader never gets a path to a tree that is being removed.
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import lease as leasemod
-from .fsutil import unique_suffix
+from .fsutil import HOST, atomic_write, unique_suffix
 from .manifest import read_manifest
 from .model import Site
-from .store import SiteStore, remove_tree
+from .store import SiteStore, lock_is_stale, remove_tree
 
 RECENT_USE_SLACK = 2.0  # seconds: coarse NFS mtimes must not hide a use during eviction
 GC_MIN_AGE = 3600.0  # objects younger than this may belong to a tree being built
@@ -212,25 +215,56 @@ def execute(store: SiteStore, plan: EvictionPlan) -> EvictionResult:
     restored: list[str] = []
     for ev in plan.evict:
         cid = ev.entry.commit
-        trash = store.root / "trash" / f"{cid}.{unique_suffix()}"
-        trash.parent.mkdir(parents=True, exist_ok=True)
+        marker = mark_evicting(store, cid)
+        if marker is None:
+            continue  # another evictor is on it
         try:
-            os.rename(store.commit_path(cid), trash)
-        except FileNotFoundError:
-            continue  # someone else evicted it
-        if _used_since(store, cid, ev.entry.last_used, plan.now) or leasemod.live_leases(store, cid):
+            if _used_since(store, cid, ev.entry.last_used, plan.now) or leasemod.live_leases(store, cid):
+                restored.append(cid)  # a reader arrived after the plan: keep the tree
+                continue
+            trash = store.root / "trash" / f"{cid}.{unique_suffix()}"
+            trash.parent.mkdir(parents=True, exist_ok=True)
             try:
-                os.rename(trash, store.commit_path(cid))
-            except OSError:
-                remove_tree(trash)  # it was re-cached meanwhile; that copy serves
-            restored.append(cid)
-            continue
-        store.meta_path(cid).unlink(missing_ok=True)
-        store.used_path(cid).unlink(missing_ok=True)
+                os.rename(store.commit_path(cid), trash)
+            except FileNotFoundError:
+                continue  # someone else evicted it
+            store.meta_path(cid).unlink(missing_ok=True)
+            store.used_path(cid).unlink(missing_ok=True)
+        finally:
+            marker.unlink(missing_ok=True)
         remove_tree(trash)
         done.append(ev)
     objects, nbytes = gc(store)
     return EvictionResult(tuple(done), tuple(restored), objects, nbytes)
+
+
+def marker_path(store: SiteStore, commit_id: str) -> Path:
+    return store.root / "evicting" / commit_id
+
+
+def mark_evicting(store: SiteStore, commit_id: str) -> Path | None:
+    """Create the eviction marker (atomic create); None if another evictor holds it."""
+    path = marker_path(store, commit_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        atomic_write(path, f"{HOST} {os.getpid()} {time.time():.3f}\n".encode(), exclusive=True, durable=False)
+        return path
+    except FileExistsError:
+        if lock_is_stale(path):
+            path.unlink(missing_ok=True)
+            return mark_evicting(store, commit_id)
+        return None
+
+
+def wait_while_evicting(store: SiteStore, commit_id: str, *, timeout: float = 120.0) -> None:
+    """Block while an eviction of ``commit_id`` is deciding or removing (a reader's step 1)."""
+    path = marker_path(store, commit_id)
+    deadline = time.monotonic() + timeout
+    while path.exists() and time.monotonic() < deadline:
+        if lock_is_stale(path):
+            path.unlink(missing_ok=True)
+            return
+        time.sleep(0.01)
 
 
 def _used_since(store: SiteStore, commit_id: str, planned_last_use: float, plan_time: float) -> bool:

@@ -254,14 +254,25 @@ def cache(
     ref: Annotated[str, typer.Argument(help="NAME@REF to cache.")],
     site: SiteOpt = None,
     jobs: JobsOpt = None,
+    run_async: Annotated[bool, typer.Option("--async", help="Queue the request for the site's daemon and return.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Materialise a commit at a site, fetching only content the site lacks; print its path."""
+    if run_async:
+        with _hub() as hub:
+            request = hub.cache_async(ref, site=site)
+        if json_out:
+            _emit({"request": str(request), "ref": ref})
+        else:
+            typer.echo(f"queued {ref} for the daemon: {request}")
+        return
     with _hub() as hub:
         r = hub.cache(ref, site=site, jobs=jobs, progress=_progress(not json_out))
     if json_out:
         _emit(r)
         return
+    for entry in r.evicted:
+        typer.echo(f"evicted {entry[: entry.index('@') + 13]} to make room", err=True)
     if r.already_cached:
         typer.echo(f"{r.dataset}@{r.commit[:12]} already cached at {r.site}; nothing fetched", err=True)
     else:
@@ -300,8 +311,30 @@ def status(
             f"  {len(s['commits'])} commits, {_size(s['logical_bytes'])} as seen by readers, "
             f"{_size(s['object_bytes'])} on disk ({_size(s['shared_bytes'])} shared)"
         )
+        quota = f"quota {_size(s['quota'])}" if s.get("quota") else "no quota"
+        typer.echo(f"  {quota}, {s['leases']} live leases, {s['pinned']} pinned, {s['queue_depth']} queued requests")
+        d = s.get("daemon")
+        typer.echo(f"  daemon: pid {d['pid']} on {d['host']}, http {d.get('listen') or 'off'}" if d else "  daemon: not running")
         for c in s["commits"]:
             typer.echo(f"  {c['dataset']}@{c['commit'][:12]}  {c['files']} files  {_size(c['bytes'])}  last used {c['last_used'] or '-'}")
+        if d and d.get("listen"):
+            metrics = _daemon_metrics(d["listen"])
+            if metrics:
+                ratio = metrics.get("hit_ratio")
+                typer.echo(
+                    f"  daemon metrics: fetched {_size(metrics['fetched_bytes'])}, reused {_size(metrics['reused_bytes'])}"
+                    f" (hit ratio {ratio:.0%})" if ratio is not None else "  daemon metrics: no caching yet"
+                )
+
+
+def _daemon_metrics(listen: str) -> dict | None:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{listen}/status", timeout=2) as resp:  # noqa: S310 - the daemon's own address
+            return json.loads(resp.read())["metrics"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 @app.command()
@@ -427,6 +460,72 @@ def leases(site: SiteOpt = None, json_out: JsonOpt = False) -> None:
         typer.echo("no leases")
     for r in rows:
         typer.echo(f"{r['commit'][:12]}  {r['user']}@{r['host']} pid {r['pid']}  run {r['run'] or '-'}  {'live' if r['live'] else 'DEAD'}")
+
+
+@app.command()
+def subscribe(
+    ref: Annotated[str, typer.Argument(help="NAME@REF to keep cached, usually NAME@latest.")],
+    site: SiteOpt = None,
+    every: Annotated[str, typer.Option("--every", help="How often the daemon checks the lake, e.g. 10m.")] = "10m",
+    json_out: JsonOpt = False,
+) -> None:
+    """Keep a ref cached at a site: the daemon prefetches each new commit as a delta."""
+    with _hub() as hub:
+        sub = hub.subscribe(ref, site=site, every=every)
+    if json_out:
+        _emit(sub)
+    else:
+        typer.echo(f"subscribed {sub['dataset']}@{sub['ref']} at {sub['site']} every {every} (served by cachehub daemon)")
+
+
+@app.command()
+def unsubscribe(ref: Annotated[str, typer.Argument(help="NAME@REF")], site: SiteOpt = None) -> None:
+    """Stop keeping a ref cached at a site."""
+    with _hub() as hub:
+        removed = hub.unsubscribe(ref, site=site)
+    typer.echo(f"unsubscribed {ref}" if removed else f"no subscription for {ref}")
+
+
+@app.command()
+def subscriptions(json_out: JsonOpt = False) -> None:
+    """List subscriptions."""
+    with _hub() as hub:
+        subs = hub.subscriptions()
+    if json_out:
+        _emit(subs)
+        return
+    if not subs:
+        typer.echo("no subscriptions")
+    for s in subs:
+        typer.echo(f"{s['dataset']}@{s['ref']}  site {s['site']}  every {s['every']:g}s")
+
+
+@app.command()
+def daemon(
+    sites: Annotated[Optional[list[str]], typer.Option("--site", "-s", help="Sites to serve (repeatable; default: all).")] = None,  # noqa: UP007
+    listen: Annotated[str, typer.Option("--listen", help="HTTP address for /status and /metrics; 'off' to disable.")] = "127.0.0.1:8731",
+    sweep: Annotated[str, typer.Option("--sweep", help="How often to evict expired / over-capacity entries.")] = "1m",
+    refresh: Annotated[str, typer.Option("--refresh", help="How often to index new commits and tags from the lake.")] = "1m",
+    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning.")] = "info",
+) -> None:
+    """Run the background service in the foreground (systemd-friendly; SIGTERM stops it cleanly)."""
+    import logging
+
+    from cachehub.daemon import Daemon, run_forever
+    from cachehub.policy import parse_duration
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    with _hub() as hub:
+        settings = hub.settings
+    d = Daemon(
+        settings,
+        sites=sites,
+        listen=None if listen == "off" else listen,
+        sweep_every=parse_duration(sweep),
+        refresh_every=parse_duration(refresh),
+    )
+    run_forever(d)
 
 
 # -- sites -----------------------------------------------------------------------------------
