@@ -61,6 +61,10 @@ class Backend(abc.ABC):
         """The whole object; FileNotFoundError if absent."""
 
     @abc.abstractmethod
+    async def aget_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of the object (for parallel ranged reads of large objects)."""
+
+    @abc.abstractmethod
     async def aput(self, key: str, data: bytes, *, sha256: str) -> None:
         """Store ``data`` at ``key``; the store verifies ``sha256`` (hex) or rejects the write."""
 

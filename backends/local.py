@@ -101,6 +101,16 @@ class LocalBackend(Backend):
     async def aget(self, key: str) -> bytes:
         return await asyncio.to_thread(self._path(key).read_bytes)
 
+    async def aget_range(self, key: str, start: int, end: int) -> bytes:
+        return await asyncio.to_thread(self._read_range, key, start, end)
+
+    def _read_range(self, key: str, start: int, end: int) -> bytes:
+        fd = os.open(self._path(key), os.O_RDONLY)
+        try:
+            return os.pread(fd, end - start, start)
+        finally:
+            os.close(fd)
+
     async def aput(self, key: str, data: bytes, *, sha256: str) -> None:
         await asyncio.to_thread(self._put_verified, key, data, sha256)
 

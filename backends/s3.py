@@ -168,6 +168,12 @@ class S3Backend(Backend):
         except Exception as exc:
             raise _translate(exc, key, self._where) from exc
 
+    async def aget_range(self, key: str, start: int, end: int) -> bytes:
+        try:
+            return bytes(await obstore.get_range_async(self._store, key, start=start, end=end))
+        except Exception as exc:
+            raise _translate(exc, key, self._where) from exc
+
     async def aput(self, key: str, data: bytes, *, sha256: str) -> None:
         # The store is configured with checksum_algorithm=SHA256: obstore sends the checksum of
         # the bytes and the server rejects a body that does not match it. The caller has

@@ -21,6 +21,7 @@ sees all of a commit or none of it. The catalog is never stored here.
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import shutil
@@ -62,10 +63,20 @@ class SiteStore:
     def __init__(self, site: Site) -> None:
         self.site = site
         self.root = Path(site.root)
+        self._objects = f"{site.root}/objects/sha256"
+        self._tmp = f"{site.root}/tmp"
 
     # -- layout ------------------------------------------------------------------------------
     def object_path(self, sha256: str) -> Path:
         return self.root / "objects" / "sha256" / sha256[:2] / sha256
+
+    def object_file(self, sha256: str) -> str:
+        """``object_path`` as a plain string: the per-file hot paths avoid pathlib's cost."""
+        return f"{self._objects}/{sha256[:2]}/{sha256}"
+
+    def temp_file(self, name: str) -> str:
+        """A process-unique temp name under ``tmp/`` (``<name>.<host>.<pid>.<n>``)."""
+        return f"{self._tmp}/{name}.{HOST}.{os.getpid()}.{next(_COUNTER)}"
 
     def commit_path(self, commit_id: str) -> Path:
         return self.root / "commits" / commit_id
@@ -93,6 +104,8 @@ class SiteStore:
         self.root.mkdir(parents=True, exist_ok=True)
         for sub in ("objects/sha256", "commits", "meta", "manifests", "used", "staging", "tmp", "locks", "trash"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        for i in range(256):  # so storing an object never needs a mkdir
+            (self.root / "objects" / "sha256" / f"{i:02x}").mkdir(exist_ok=True)
         body = {"format": SITE_FORMAT, "format_version": SITE_FORMAT_VERSION, "name": self.site.name, "created": now_iso()}
         try:
             atomic_write(marker, canonical_json(body), exclusive=True)
@@ -167,11 +180,13 @@ class SiteStore:
         return count, total
 
     # -- writing -----------------------------------------------------------------------------
-    def store_object(self, sha256: str, data: bytes) -> bool:
-        """Place verified bytes as a read-only object; False if it was already there."""
-        final = self.object_path(sha256)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / "tmp" / f"{sha256}.{unique_suffix()}"
+    def store_object(self, sha256: str, data: bytes) -> None:
+        """Place verified bytes as a read-only object (temp name, then one atomic rename).
+
+        If the object already exists it is replaced by identical bytes; trees keep their links
+        to the old inode, and gc works from manifests, not link counts, so nothing is lost.
+        """
+        tmp = self.temp_file(sha256)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
             try:
@@ -180,20 +195,26 @@ class SiteStore:
                     view = view[os.write(fd, view) :]
             finally:
                 os.close(fd)
-            try:
-                os.link(tmp, final)
-            except FileExistsError:
-                return False
-            return True
+            self.publish_object(tmp, sha256)
         except OSError as exc:
+            _unlink_quietly(tmp)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise NoSpaceError(
                     f"site {self.site.name} ({self.root}) is full; free space there (or cache to another site) and re-run",
                     site=self.site.name,
                 ) from exc
             raise
-        finally:
-            tmp.unlink(missing_ok=True)
+
+    def publish_object(self, tmp: str, sha256: str) -> None:
+        """Rename a verified temp file into the object store."""
+        final = self.object_file(sha256)
+        try:
+            os.rename(tmp, final)
+        except FileNotFoundError:
+            if not os.path.exists(tmp):
+                raise
+            os.makedirs(os.path.dirname(final), exist_ok=True)  # a root laid out by an older version
+            os.rename(tmp, final)
 
     def lock(self, commit_id: str) -> BuildLock | None:
         """Take the advisory lock for building ``commit_id``; None if a live builder holds it."""
@@ -229,6 +250,16 @@ class SiteStore:
         except FileNotFoundError:
             return None
         return trash
+
+
+_COUNTER = itertools.count()
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 class BuildLock:
@@ -358,7 +389,7 @@ class Linker:
         self.fallbacks = 0
         self._links_work = mode in ("auto", "hardlink")
 
-    def place(self, obj: Path, dest: str) -> None:
+    def place(self, obj: Path | str, dest: str) -> None:
         if self.mode == "symlink":
             os.symlink(os.path.relpath(obj, os.path.dirname(dest)), dest)
             return

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import time
@@ -64,7 +65,7 @@ def plan(store: SiteStore, manifest: Path, missing_list: Path) -> Plan:
             nbytes += entry.size
             key = bytes.fromhex(entry.sha256)
             if key not in missing:
-                if os.path.exists(store.object_path(entry.sha256)):
+                if os.path.exists(store.object_file(entry.sha256)):
                     continue
                 missing.add(key)
                 missing_bytes += entry.size
@@ -189,6 +190,7 @@ def _fetch(
     """Download every object in ``missing_list``, verified; return (objects, bytes) fetched."""
     backend = hub.lake.backend
     counts = [0, 0]
+    ranges: list[asyncio.Semaphore] = []  # made inside the event loop, on first use
 
     def items() -> Iterator[tuple[str, int]]:
         with open(missing_list, encoding="ascii") as fh:
@@ -198,26 +200,24 @@ def _fetch(
 
     async def one(item: tuple[str, int]) -> None:
         sha, size = item
-        if store.object_path(sha).exists():  # another process fetched it meanwhile
-            progress.advance(1, size)
-            return
         try:
-            data = await backend.aget(object_key(sha))
+            if size > LARGE_OBJECT:
+                if not ranges:
+                    ranges.append(asyncio.Semaphore(max(2, jobs)))
+                await _fetch_large(backend, store, sha, size, ranges[0])
+            else:
+                data = await backend.aget(object_key(sha))
+                if len(data) != size or hashlib.sha256(data).hexdigest() != sha:
+                    raise _damaged(sha, len(data))
+                store.store_object(sha, data)
         except FileNotFoundError:
             raise IntegrityError(
                 f"object {sha} of {commit.dataset}@{commit.short} is missing from the lake; the lake is damaged "
                 "(re-push the dataset from its source)",
                 sha256=sha,
             ) from None
-        if len(data) != size or hashlib.sha256(data).hexdigest() != sha:
-            raise IntegrityError(
-                f"object {sha} from the lake does not match its SHA-256 (got {len(data)} bytes); it was not stored. "
-                "The lake copy is damaged: re-push the file, then re-run",
-                sha256=sha,
-            )
-        if store.store_object(sha, data):
-            counts[0] += 1
-            counts[1] += size
+        counts[0] += 1
+        counts[1] += size
         progress.advance(1, size)
 
     progress.start("fetch", total_files=the_plan.missing_objects, total_bytes=the_plan.missing_bytes)
@@ -228,18 +228,63 @@ def _fetch(
     return counts[0], counts[1]
 
 
+LARGE_OBJECT = 16 * 1024 * 1024  # above this, parallel ranged GETs streamed to disk
+RANGE_SIZE = 8 * 1024 * 1024
+
+
+def _damaged(sha: str, got: int) -> IntegrityError:
+    return IntegrityError(
+        f"object {sha} from the lake does not match its SHA-256 (got {got} bytes); it was not stored. "
+        "The lake copy is damaged: re-push the file, then re-run",
+        sha256=sha,
+    )
+
+
+async def _fetch_large(backend: object, store: SiteStore, sha: str, size: int, limit: asyncio.Semaphore) -> None:
+    """Fetch one large object with parallel ranged GETs into a temp file, verify, publish.
+
+    ``limit`` is shared by every large object of the transfer, so at most that many ranges
+    (of RANGE_SIZE bytes) are in memory at once, whatever the object sizes.
+    """
+    tmp = store.temp_file(sha)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        key = object_key(sha)
+
+        async def part(start: int) -> None:
+            async with limit:
+                data = await backend.aget_range(key, start, min(size, start + RANGE_SIZE))  # type: ignore[attr-defined]
+            if len(data) != min(RANGE_SIZE, size - start):
+                raise _damaged(sha, start + len(data))
+            await asyncio.to_thread(os.pwrite, fd, data, start)
+
+        await asyncio.gather(*(part(start) for start in range(0, size, RANGE_SIZE)))
+        os.fchmod(fd, 0o444)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    actual = await asyncio.to_thread(sha256_file, tmp)
+    if actual != sha:
+        os.unlink(tmp)
+        raise _damaged(sha, size)
+    store.publish_object(tmp, sha)
+
+
 def _build_and_publish(store: SiteStore, commit: Commit, manifest: Path, progress: Progress) -> None:
     staging = store.new_staging(commit.id)
     linker = Linker(store.site.link)
     made: set[str] = {""}
     progress.start("link", total_files=commit.files)
+    top = str(staging)
     try:
-        for entry in read_manifest(manifest):
+        for entry in read_manifest(manifest, validate=False):  # validated by plan() already
             parent, _, _ = entry.path.rpartition("/")
             if parent not in made:
-                os.makedirs(staging / parent, exist_ok=True)
+                os.makedirs(f"{top}/{parent}", exist_ok=True)
                 made.add(parent)
-            linker.place(store.object_path(entry.sha256), os.path.join(staging, entry.path))
+            linker.place(store.object_file(entry.sha256), f"{top}/{entry.path}")
             progress.advance(1, entry.size)
         make_tree_readonly(staging)
         store.write_meta(commit)
@@ -347,8 +392,6 @@ def verify(hub: Hub, ref: str, *, site: str | None = None, repair: bool = False,
 
 def _repair(hub: Hub, store: SiteStore, commit: Commit, top: Path, bad: list[ManifestEntry]) -> list[str]:
     """Fetch verified bytes for each bad file and rewrite it, fixing every tree sharing the inode."""
-    import asyncio
-
     backend = hub.lake.backend
     repaired = []
     for entry in bad:

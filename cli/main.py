@@ -52,6 +52,17 @@ def _emit(value: Any) -> None:
     typer.echo(json.dumps(conv(value), indent=2, default=str))
 
 
+def _listing(rows: list, json_out: bool, empty: str, line: Any) -> None:
+    """Print a listing: JSON, or one formatted line per row (``empty`` when there are none)."""
+    if json_out:
+        _emit(rows)
+        return
+    if not rows:
+        typer.echo(empty)
+    for row in rows:
+        typer.echo(line(row))
+
+
 def _progress(enabled: bool) -> Any:
     if not enabled or not sys.stderr.isatty():
         from cachehub.progress import NULL
@@ -153,14 +164,12 @@ def datasets(json_out: JsonOpt = False) -> None:
     """List datasets with their commit count, newest commit and tags."""
     with _hub() as hub:
         rows = hub.datasets()
-    if json_out:
-        _emit(rows)
-        return
-    if not rows:
-        typer.echo("no datasets yet; publish one with: cachehub push DIR NAME")
-    for d in rows:
-        tags = ",".join(d.tags) or "-"
-        typer.echo(f"{d.name:30} {d.commits:5} commits  latest {(d.latest or '')[:12]}  {d.latest_created or ''}  tags {tags}")
+    _listing(
+        rows,
+        json_out,
+        "no datasets yet; publish one with: cachehub push DIR NAME",
+        lambda d: f"{d.name:30} {d.commits:5} commits  latest {(d.latest or '')[:12]}  {d.latest_created or ''}  tags {','.join(d.tags) or '-'}",
+    )
 
 
 @app.command()
@@ -453,13 +462,12 @@ def leases(site: SiteOpt = None, json_out: JsonOpt = False) -> None:
     """List leases (running jobs' claims) at a site."""
     with _hub() as hub:
         rows = hub.leases(site)
-    if json_out:
-        _emit(rows)
-        return
-    if not rows:
-        typer.echo("no leases")
-    for r in rows:
-        typer.echo(f"{r['commit'][:12]}  {r['user']}@{r['host']} pid {r['pid']}  run {r['run'] or '-'}  {'live' if r['live'] else 'DEAD'}")
+    _listing(
+        rows,
+        json_out,
+        "no leases",
+        lambda r: f"{r['commit'][:12]}  {r['user']}@{r['host']} pid {r['pid']}  run {r['run'] or '-'}  {'live' if r['live'] else 'DEAD'}",
+    )
 
 
 @app.command()
@@ -491,13 +499,7 @@ def subscriptions(json_out: JsonOpt = False) -> None:
     """List subscriptions."""
     with _hub() as hub:
         subs = hub.subscriptions()
-    if json_out:
-        _emit(subs)
-        return
-    if not subs:
-        typer.echo("no subscriptions")
-    for s in subs:
-        typer.echo(f"{s['dataset']}@{s['ref']}  site {s['site']}  every {s['every']:g}s")
+    _listing(subs, json_out, "no subscriptions", lambda s: f"{s['dataset']}@{s['ref']}  site {s['site']}  every {s['every']:g}s")
 
 
 @app.command()

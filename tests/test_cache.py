@@ -263,3 +263,37 @@ def test_unknown_site_names_the_fix(hub: Hub, tmp_path: Path) -> None:
     hub.push(write_tree(tmp_path / "src", {"x": "1"}), "ds")
     with pytest.raises(SiteNotFoundError, match="cachehub site add gpu-z"):
         hub.cache("ds", site="gpu-z")
+
+
+def test_large_objects_use_parallel_ranged_reads(hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ranged path with small thresholds: sizes on, off and around range boundaries."""
+    import random
+
+    from cachehub import sync
+
+    monkeypatch.setattr(sync, "LARGE_OBJECT", 64 * 1024)
+    monkeypatch.setattr(sync, "RANGE_SIZE", 16 * 1024)
+    rng = random.Random(5)
+    sizes = [64 * 1024 + 1, 16 * 1024 * 5, 16 * 1024 * 5 + 7, 200_000, 1000]
+    src = write_tree(tmp_path / "src", {f"f{i}.bin": rng.randbytes(n) for i, n in enumerate(sizes)})
+    hub.push(src, "ds")
+    r = hub.cache("ds")
+    assert r.fetched_files == len(sizes) and r.fetched_bytes == sum(sizes)
+    assert tree_digest(Path(r.path)) == tree_digest(src)
+    assert not list((Path(hub.settings.site().root) / "tmp").iterdir())
+
+
+def test_corrupt_large_object_is_rejected(hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cachehub import sync
+
+    monkeypatch.setattr(sync, "LARGE_OBJECT", 64 * 1024)
+    monkeypatch.setattr(sync, "RANGE_SIZE", 16 * 1024)
+    data = bytes(range(256)) * 400  # 102,400 bytes
+    hub.push(write_tree(tmp_path / "src", {"big.bin": data}), "ds")
+    sha = hashlib.sha256(data).hexdigest()
+    hub.lake.backend.write(object_key(sha), data[:50_000] + b"X" + data[50_001:])  # one byte flipped
+    with pytest.raises(IntegrityError, match=sha):
+        hub.cache("ds")
+    root = Path(hub.settings.site().root)
+    assert not SiteStore(hub.settings.site()).object_path(sha).exists()
+    assert site_state(root)["commits"] == [] and not list((root / "tmp").iterdir())
