@@ -232,7 +232,7 @@ with Hub() as hub:
         except OSError as exc:
             errors += 1
             print("ERROR", exc, file=sys.stderr)
-        time.sleep(0.05)  # a gap between jobs, in which the entry may be evicted
+        time.sleep(0.2)  # a gap between jobs, in which the entry may be evicted
 print(errors)
 open(sys.argv[2], "w").close()
 """
@@ -261,7 +261,7 @@ def test_eviction_never_pulls_a_tree_from_under_a_reader(hub: Hub, tmp_path: Pat
     hub.site_set("local", grace="0")
     done = tmp_path / "reader-done"
     evictor = subprocess.Popen([sys.executable, "-c", EVICTOR, str(done)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    reader = subprocess.Popen([sys.executable, "-c", READER, "60", str(done)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reader = subprocess.Popen([sys.executable, "-c", READER, "30", str(done)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     r_out, r_err = reader.communicate(timeout=300)
     e_out, e_err = evictor.communicate(timeout=300)
     assert reader.returncode == 0 and evictor.returncode == 0, (r_err, e_err)
