@@ -146,3 +146,22 @@ def test_catalog_rebuild_command(tmp_path: Path, local_env: dict[str, str]) -> N
     assert counts["datasets"] == 1 and counts["commits"] == 1 and counts["cache_entries"] == 1
     assert run_cli("log", "ds", "--json", env=env, check=True).stdout == before
     assert run_cli("path", "ds@v1", env=env).returncode == 0
+
+
+def test_fast_path_command_matches_the_full_cli(tmp_path: Path, local_env: dict[str, str]) -> None:
+    """``cachehub path`` skips Typer; it must answer exactly like the full command."""
+    import subprocess
+    import sys
+
+    env = local_env
+    run_cli("push", str(write_tree(tmp_path / "src", {"x": "1"})), "ds", "--tag", "v1", env=env, check=True)
+    run_cli("cache", "ds@v1", env=env, check=True)
+    run_cli("site", "add", "other", "--root", str(tmp_path / "other"), env=env, check=True)
+
+    def entry(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "cachehub.cli.entry", *args], capture_output=True, text=True, env=env)
+
+    for args in (("path", "ds@v1"), ("path", "ds@v9"), ("path", "ds@v1", "--site", "other"), ("path", "ds@v1", "--site=local"), ("path", "nope")):
+        fast, full = entry(*args), run_cli(*args, env=env)
+        assert (fast.returncode, fast.stdout, fast.stderr) == (full.returncode, full.stdout, full.stderr), args
+    assert entry("path", "--help").returncode == 0 and "Usage" in entry("path", "--help").stdout
