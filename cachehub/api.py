@@ -6,6 +6,7 @@ Every CLI command is a few lines over one method here. Module-level shortcuts in
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -18,6 +19,7 @@ from .catalog import Catalog, current_user
 from .config import Settings, load_settings
 from .errors import (
     AmbiguousRefError,
+    CachehubError,
     ConfigError,
     ConflictError,
     DatasetNotFoundError,
@@ -108,13 +110,28 @@ class Hub:
         """
         validate_dataset_name(dataset)
         commits, tags, _problems = self._read_dataset(dataset, known=self.catalog.commit)
-        if commits is None:
+        tombstones = self._read_tombstones(dataset)
+        if commits is None and not tombstones:
             return False
         with self.catalog.transaction():
-            self.catalog.add_commits(commits)
+            self.catalog.add_commits(commits or [])
             self.catalog.replace_tags(dataset, tags)
-            self.catalog.touch_dataset(dataset)
-        return True
+            self._index_tombstones(tombstones)
+            if commits is not None:
+                self.catalog.touch_dataset(dataset)
+        return commits is not None
+
+    def _read_tombstones(self, dataset: str) -> list[dict]:
+        from .restore import read_tombstones
+
+        return read_tombstones(self, dataset)
+
+    def _index_tombstones(self, tombstones: list[dict]) -> None:
+        for t in tombstones:
+            self.catalog.conn.execute("DELETE FROM commits WHERE id = ?", (t["commit"],))
+            self.catalog.conn.execute(
+                "INSERT OR REPLACE INTO tombstones VALUES (?,?,?,?,?)", (t["commit"], t["dataset"], t["reason"], t["purged_by"], t["purged"])
+            )
 
     def _read_dataset(self, dataset: str, known: object = None) -> tuple[list[Commit] | None, list[Tag], list[str]]:
         from .errors import CachehubError
@@ -133,6 +150,48 @@ class Hub:
                 problems.append(f"{dataset}/commits/{cid}: {exc}")
         return commits, lake.tags(dataset), problems
 
+    def _read_runs(self) -> list[dict]:
+        out = []
+        for key in self.lake.backend.list("runs/"):
+            if key.endswith(".json"):
+                data, _ = self.lake.backend.read(key)
+                out.append(json.loads(data))
+        return out
+
+    def _index_provenance(self, runs: list[dict]) -> None:
+        """Runs from the lake, then run inputs and restores carried by audit events."""
+        from .runs import RunRecord
+
+        fields = set(RunRecord.__dataclass_fields__)
+        with self.catalog.transaction():
+            conn = self.catalog.conn
+            for doc in runs:
+                record = RunRecord(**{k: v for k, v in doc.items() if k in fields})
+                conn.execute(
+                    "INSERT OR REPLACE INTO runs (id, user, host, site, started, ended, status, exit_code, duration, command, origin)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (record.id, record.user, record.host, record.site, record.started, record.ended, record.status,
+                     record.exit_code, record.duration, json.dumps(record.command), record.origin),
+                )  # fmt: skip
+                for i in record.inputs:
+                    conn.execute(
+                        "INSERT OR IGNORE INTO run_inputs (run_id, dataset, commit_id, ref, site, time) VALUES (?,?,?,?,?,?)",
+                        (record.id, i["dataset"], i["commit"], i.get("ref"), i.get("site"), record.started),
+                    )
+            for e in self.catalog.audit_events():
+                run = e["details"].get("run")
+                if e["action"] in ("resolve", "use") and run and e["commit"]:
+                    conn.execute("INSERT OR IGNORE INTO runs (id, user, host, site, started, status, origin) VALUES (?,?,?,?,?,?,?)",
+                                 (run, e["user"], e["host"], e["site"], e["time"], "open", "audit"))  # fmt: skip
+                    conn.execute(
+                        "INSERT OR IGNORE INTO run_inputs (run_id, dataset, commit_id, ref, site, time) VALUES (?,?,?,?,?,?)",
+                        (run, e["dataset"], e["commit"], e["ref"], e["site"], e["time"]),
+                    )
+                elif e["action"] == "restore" and not conn.execute(
+                    "SELECT 1 FROM restores WHERE commit_id = ? AND path = ? AND time = ?", (e["commit"], e["details"].get("path"), e["time"])
+                ).fetchone():
+                    conn.execute("INSERT INTO restores VALUES (?,?,?,?,?,?)", (e["commit"], e["dataset"], e["details"].get("path"), e["host"], e["user"], e["time"]))
+
     def rebuild_catalog(self) -> dict[str, object]:
         """Rebuild the index from the lake alone (and the site roots); the audit trail is kept.
 
@@ -149,11 +208,14 @@ class Hub:
             self._rebuilding = False
         found: list[tuple[str, list[Commit], list[Tag]]] = []
         problems: list[str] = []
+        tombstones: list[dict] = []
         for name in self.lake.datasets():
             commits, tags, bad = self._read_dataset(name)
             problems += bad
+            tombstones += self._read_tombstones(name)
             if commits:
                 found.append((name, commits, tags))
+        runs = self._read_runs()
         entries = scan_site_entries(self.settings.sites.values())
         with catalog.transaction():
             catalog.clear_index()
@@ -161,15 +223,22 @@ class Hub:
                 catalog.add_commits(commits)
                 catalog.replace_tags(name, tags)
                 catalog.touch_dataset(name)
+            self._index_tombstones(tombstones)
             for entry in entries:
                 catalog.add_cache_entry(entry)
             catalog.set_meta("lake", lake_identity(self.settings.lake_url))
+        from .audit import import_from_lake
+
+        imported = import_from_lake(self)
+        self._index_provenance(runs)
         counts: dict[str, object] = {
             "datasets": len(found),
             "commits": sum(len(c) for _, c, _ in found),
             "tags": sum(len(t) for _, _, t in found),
             "cache_entries": len(entries),
         }
+        counts["audit_events_imported"] = imported
+        counts["runs"] = len(runs)
         catalog.audit("catalog-rebuild", problems=len(problems), **counts)
         counts["problems"] = problems
         return counts
@@ -193,6 +262,7 @@ class Hub:
             self.refresh(parsed.dataset)
             found = self._lookup(parsed)
         if found is None:
+            self._refuse_purged(parsed)
             tags = [t.name for t in catalog.tags(parsed.dataset)]
             hint = f"tags: {', '.join(tags[:10])}" if tags else "no tags yet"
             raise RefNotFoundError(
@@ -201,6 +271,25 @@ class Hub:
                 ref=parsed.ref,
             )
         return found
+
+    def _refuse_purged(self, parsed: Ref) -> None:
+        if not parsed.could_be_commit:
+            return
+        row = self.catalog.conn.execute(
+            "SELECT commit_id, reason, user, time FROM tombstones WHERE dataset = ? AND commit_id >= ? AND commit_id < ?",
+            (parsed.dataset, parsed.ref, parsed.ref + "g"),
+        ).fetchone()
+        if row:
+            raise RefNotFoundError(
+                f"{parsed.dataset}@{row[0][:12]} was purged on {row[3]} by {row[2]} (reason: {row[1]}); it cannot be resolved",
+                dataset=parsed.dataset,
+                ref=parsed.ref,
+            )
+
+    def _hook(self, event: str, **context: object) -> None:
+        from .hooks import dispatch
+
+        dispatch(event, {k: v for k, v in context.items() if v is not None}, self.settings.hooks)
 
     def _lookup(self, parsed: Ref) -> Commit | None:
         catalog = self.catalog
@@ -227,7 +316,11 @@ class Hub:
         """Publish a directory as a new commit (see ``cachehub.push.push`` for options)."""
         from .push import push
 
-        return push(self, directory, dataset, **options)  # type: ignore[arg-type]
+        self._hook("pre_push", dataset=dataset, directory=str(directory))
+        result = push(self, directory, dataset, **options)  # type: ignore[arg-type]
+        self._hook("post_push", dataset=dataset, directory=str(directory), commit=result.commit, created=result.created)
+        self.ship_audit()
+        return result
 
     def datasets(self) -> list[DatasetInfo]:
         """Every dataset in the lake, with commit count, newest commit and tags."""
@@ -364,7 +457,13 @@ class Hub:
         """Materialise a commit at a site, fetching only the content the site lacks."""
         from .sync import cache
 
-        return cache(self, ref, site=site, progress=progress, jobs=jobs)
+        site_name = self.settings.site(site).name
+        self._hook("pre_cache", ref=ref, site=site_name)
+        result = cache(self, ref, site=site, progress=progress, jobs=jobs)
+        self._hook("post_cache", ref=ref, site=site_name, commit=result.commit, path=result.path, fetched_bytes=result.fetched_bytes)
+        if not result.already_cached:
+            self.ship_audit()
+        return result
 
     def verify(self, ref: str, *, site: str | None = None, repair: bool = False, progress: Progress = NULL) -> VerifyResult:
         """Re-hash a cached commit against its manifest; optionally repair it from the lake."""
@@ -372,7 +471,7 @@ class Hub:
 
         return verify(self, ref, site=site, repair=repair, progress=progress)
 
-    def resolve(self, ref: str, *, site: str | None = None, fetch: bool = False) -> Path:
+    def resolve(self, ref: str, *, site: str | None = None, fetch: bool = False, as_ref: str | None = None) -> Path:
         """The local, read-only path of a cached commit; with ``fetch`` cache it first.
 
         A full commit id is answered from the site root alone; a tag or prefix from the local
@@ -380,7 +479,8 @@ class Hub:
         is checked, so an eviction running at that moment either sees the use and keeps the
         tree, or has already removed it and this call reports it missing. A bare resolve
         protects the entry for the site's ``grace`` period (default 10 min); hold a lease with
-        ``use()`` for longer jobs.
+        ``use()`` for longer jobs. ``as_ref`` is the ref to record when ``ref`` was already
+        resolved to a commit id by the caller.
         """
         from .store import SiteStore
 
@@ -391,6 +491,7 @@ class Hub:
         else:
             commit = self.resolve_commit(parsed)
             commit_id, dataset = commit.id, commit.dataset
+        self._hook("pre_resolve", ref=ref, site=store.site.name, commit=commit_id)
         store.touch(commit_id)
         if not _present(store, commit_id):
             if not fetch:
@@ -409,8 +510,27 @@ class Hub:
                 cache_queue.wait_for(store, commit_id, request)
             else:
                 self.cache(f"{dataset}@{commit_id}", site=store.site.name)
-        self.catalog.audit("resolve", dataset=dataset, commit=commit_id, ref=parsed.ref, site=store.site.name)
-        return store.commit_path(commit_id)
+        run_id = self._record_input(dataset, commit_id, as_ref or parsed.ref, store.site.name)
+        self.catalog.audit("resolve", dataset=dataset, commit=commit_id, ref=as_ref or parsed.ref, site=store.site.name, run=run_id)
+        path = store.commit_path(commit_id)
+        self._hook("post_resolve", ref=ref, site=store.site.name, commit=commit_id, path=str(path))
+        return path
+
+    def _record_input(self, dataset: str, commit_id: str, ref: str, site: str) -> str:
+        """Note that the current run read ``commit_id`` (one row per run and commit)."""
+        from .runs import current_run_id
+
+        run_id, source = current_run_id()
+        conn = self.catalog.conn
+        conn.execute(
+            "INSERT OR IGNORE INTO runs (id, user, host, site, started, status, origin) VALUES (?,?,?,?,?,?,?)",
+            (run_id, self.user, _host(), site, _now(), "open", source),
+        )
+        conn.execute(
+            "INSERT OR IGNORE INTO run_inputs (run_id, dataset, commit_id, ref, site, time) VALUES (?,?,?,?,?,?)",
+            (run_id, dataset, commit_id, ref, site, _now()),
+        )
+        return run_id
 
     @contextmanager
     def use(
@@ -436,8 +556,8 @@ class Hub:
         commit_id = parsed.ref if len(parsed.ref) == 64 and parsed.could_be_commit else self.resolve_commit(parsed).id
         held = Lease(store, commit_id, user=self.user, run=run, timeout=timeout or DEFAULT_LEASE_TIMEOUT)
         try:
-            path = self.resolve(f"{parsed.dataset}@{commit_id}", site=site, fetch=fetch)
-            self.catalog.audit("use", dataset=parsed.dataset, commit=commit_id, ref=parsed.ref, site=store.site.name, lease=held.id, run=run)
+            path = self.resolve(f"{parsed.dataset}@{commit_id}", site=site, fetch=fetch, as_ref=parsed.ref)
+            self.catalog.audit("use", dataset=parsed.dataset, commit=commit_id, ref=parsed.ref, site=store.site.name, lease=held.id, run=run or _run_id())
             yield path
         finally:
             held.release()
@@ -521,6 +641,7 @@ class Hub:
         expired_only: bool = False,
         need_bytes: int = 0,
         now: float | None = None,
+        keep: set[bytes] | None = None,
     ) -> EvictionPlan:
         """What an eviction would remove, and why; nothing is changed.
 
@@ -533,7 +654,7 @@ class Hub:
 
         store = SiteStore(self.settings.site(site))
         now = time.time() if now is None else now
-        entries, usage = gather(store, now=now)
+        entries, usage, shared = gather(store, now=now, keep=keep)
         only = [self.resolve_commit(r).id for r in refs] if refs else None
         fs = _fs_space(store.root)
         return plan_eviction(
@@ -546,6 +667,7 @@ class Hub:
             need_bytes=need_bytes,
             capacity=not expired_only,
             only=only,
+            shared=shared,
         )
 
     def evict(
@@ -570,7 +692,13 @@ class Hub:
         store = SiteStore(self.settings.site(site))
         if not dry_run:
             self._reap(store, now)
+            if not refs:
+                from .evict import gc
+
+                gc(store)  # garbage first, so capacity is judged on what entries really hold
         plan = self.plan_eviction(site=site, refs=refs, expired_only=expired_only, now=now)
+        if not dry_run and plan.evict:
+            self._hook("pre_evict", site=store.site.name, commits=[e.entry.commit for e in plan.evict])
         if refs:
             refused = [f"{e.dataset}@{e.commit[:12]} ({why})" for e, why in plan.kept]
             if refused:
@@ -579,6 +707,9 @@ class Hub:
             return plan, None
         result = execute(store, plan)
         self._audit_evictions(store, result, reason)
+        if result.evicted:
+            self._hook("post_evict", site=store.site.name, commits=[e.entry.commit for e in result.evicted])
+            self.ship_audit()
         return plan, result
 
     def gc(self, *, site: str | None = None, dry_run: bool = False) -> dict[str, int]:
@@ -591,6 +722,119 @@ class Hub:
         if not dry_run:
             self.catalog.audit("gc", site=store.site.name, objects=count, bytes=nbytes)
         return {"objects": count, "bytes": nbytes, "dry_run": dry_run}
+
+    # -- provenance: audit, lineage, runs, snapshots ----------------------------------------
+    def ship_audit(self) -> int:
+        """Copy unshipped audit events to the lake; a lake that cannot be reached is retried later."""
+        from .audit import ship
+
+        try:
+            return ship(self)
+        except (CachehubError, OSError) as exc:
+            import logging
+
+            logging.getLogger("cachehub").warning("audit events not shipped to the lake yet: %s", exc)
+            return 0
+
+    def audit(self, **filters: str | None) -> list[dict]:
+        """Audit events (filters: dataset, action, user, since, commit), oldest first."""
+        return list(self.catalog.audit_events(**filters))  # type: ignore[arg-type]
+
+    def audit_verify(self) -> list:
+        """Check every hash chain in the catalog; an empty list means intact."""
+        from .audit import ordered_for_verify, verify_chain
+
+        return verify_chain(ordered_for_verify(self))
+
+    def lineage(self, ref: str, *, up: bool = True, down: bool = True, depth: int | None = None):  # type: ignore[no-untyped-def]
+        """The lineage subgraph around a commit (see cachehub.lineage)."""
+        from . import lineage
+
+        parsed = parse_ref(ref)
+        try:
+            commit_id = self.resolve_commit(parsed).id
+        except RefNotFoundError:
+            row = self.catalog.conn.execute(
+                "SELECT commit_id FROM tombstones WHERE dataset = ? AND commit_id >= ? AND commit_id < ?",
+                (parsed.dataset, parsed.ref, parsed.ref + "g"),
+            ).fetchone()
+            if not row:
+                raise
+            commit_id = row[0]  # a purged commit still has lineage
+        return lineage.walk(lineage.build(self.catalog), f"commit:{commit_id}", up=up, down=down, depth=depth)
+
+    def snapshot(
+        self,
+        directory: str | os.PathLike[str],
+        dataset: str,
+        *,
+        message: str = "",
+        run: str | None = None,
+        derived_from: tuple[str, ...] = (),
+        tag: str | None = None,
+        progress: Progress = NULL,
+    ) -> PushResult:
+        """A new commit from a working directory, re-hashing only files changed since last seen."""
+        from .push import push
+
+        self._hook("pre_snapshot", dataset=dataset, directory=str(directory), run=run)
+        result = push(self, directory, dataset, message=message or f"snapshot of {directory}", derived_from=derived_from, tag=tag, progress=progress, run=run)
+        if run and result.commit:
+            self.catalog.conn.execute(
+                "INSERT OR IGNORE INTO run_outputs (run_id, dataset, commit_id) VALUES (?,?,?)", (run, dataset, result.commit)
+            )
+        self.catalog.audit(
+            "snapshot", dataset=dataset, commit=result.commit, directory=str(os.path.abspath(directory)), run=run,
+            created=result.created, hashed_files=result.hashed_files, uploaded_files=result.uploaded_files,
+        )  # fmt: skip
+        self._hook("post_snapshot", dataset=dataset, directory=str(directory), commit=result.commit, run=run)
+        self.ship_audit()
+        return result
+
+    def restore(self, ref: str, directory: str | os.PathLike[str], *, jobs: int | None = None):  # type: ignore[no-untyped-def]
+        """A writable working copy of a commit in ``directory``; history is never changed."""
+        from .restore import restore
+
+        commit = self.resolve_commit(ref)
+        self._hook("pre_restore", ref=ref, commit=commit.id, directory=str(directory))
+        result = restore(self, commit, Path(directory), jobs=jobs or self.settings.jobs)
+        with self.catalog.transaction():
+            self.catalog.conn.execute(
+                "INSERT INTO restores VALUES (?,?,?,?,?,?)", (commit.id, commit.dataset, result.path, _host(), self.user, _now())
+            )
+            self.catalog.audit("restore", dataset=commit.dataset, commit=commit.id, ref=ref, path=result.path, from_site=result.from_site)
+        self._hook("post_restore", ref=ref, commit=commit.id, directory=result.path)
+        self.ship_audit()
+        return result
+
+    def purge(self, ref: str, *, reason: str):  # type: ignore[no-untyped-def]
+        """Erase a commit (right to erasure): unshared content in the lake and at every site."""
+        from .restore import purge
+
+        if not reason.strip():
+            raise ConfigError("purge needs --reason: it is recorded in the tombstone and the audit trail")
+        commit = self.resolve_commit(ref, refresh=True)
+        result = purge(self, commit, reason=reason)
+        self.catalog.audit(
+            "purge", dataset=commit.dataset, commit=commit.id, ref=ref, reason=reason, removed_objects=result.removed_objects,
+            removed_bytes=result.removed_bytes, tags=list(result.tags_removed), sites=list(result.sites_evicted),
+        )  # fmt: skip
+        self.ship_audit()
+        return result
+
+    def run(
+        self,
+        command: list[str],
+        *,
+        uses: Iterable[str] = (),
+        snapshots: Iterable[tuple[str, str]] = (),
+        site: str | None = None,
+        snapshot_on_failure: bool = False,
+    ):  # type: ignore[no-untyped-def]
+        """Run ``command`` with leased inputs; record the run; snapshot its outputs (see runs.py)."""
+        from .runs import run_command
+
+        return run_command(self, command, uses=list(uses), snapshots=list(snapshots), site=site, snapshot_on_failure=snapshot_on_failure)
 
     def _reap(self, store: SiteStore, now: float | None) -> None:
         from . import lease
@@ -732,6 +976,24 @@ def lake_identity(url: str) -> str:
         return url.rstrip("/")
     path = url[len("file://") :] if url.startswith("file://") else url
     return os.path.abspath(os.path.expanduser(path))
+
+
+def _host() -> str:
+    from .fsutil import HOST
+
+    return HOST
+
+
+def _now() -> str:
+    from .lake import now_iso
+
+    return now_iso()
+
+
+def _run_id() -> str:
+    from .runs import current_run_id
+
+    return current_run_id()[0]
 
 
 def _present(store: SiteStore, commit_id: str) -> bool:

@@ -70,6 +70,35 @@ MIGRATIONS.append(
         """,
     )
 )
+MIGRATIONS.append(
+    (
+        4,
+        """
+        ALTER TABLE audit ADD COLUMN origin TEXT;
+        ALTER TABLE audit ADD COLUMN origin_seq INTEGER;
+        ALTER TABLE audit ADD COLUMN shipped INTEGER NOT NULL DEFAULT 0;
+        CREATE UNIQUE INDEX audit_origin ON audit (origin, origin_seq);
+        CREATE TABLE runs (
+            id TEXT PRIMARY KEY, user TEXT, host TEXT, site TEXT, started TEXT, ended TEXT,
+            status TEXT, exit_code INTEGER, duration REAL, command TEXT, origin TEXT
+        );
+        CREATE TABLE run_inputs (
+            run_id TEXT NOT NULL, dataset TEXT NOT NULL, commit_id TEXT NOT NULL, ref TEXT, site TEXT,
+            time TEXT, PRIMARY KEY (run_id, commit_id)
+        );
+        CREATE TABLE run_outputs (
+            run_id TEXT NOT NULL, dataset TEXT NOT NULL, commit_id TEXT NOT NULL, PRIMARY KEY (run_id, commit_id)
+        );
+        CREATE TABLE hash_cache (
+            path TEXT PRIMARY KEY, ino INTEGER, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, sha256 TEXT
+        );
+        CREATE TABLE tombstones (
+            commit_id TEXT PRIMARY KEY, dataset TEXT NOT NULL, reason TEXT, user TEXT, time TEXT
+        );
+        CREATE TABLE restores (commit_id TEXT, dataset TEXT, path TEXT, host TEXT, user TEXT, time TEXT);
+        """,
+    )
+)
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
@@ -92,6 +121,7 @@ class Catalog:
         conn.execute("PRAGMA foreign_keys=ON")
         self.conn = conn
         self._db: object = None
+        self._origin: str | None = None
         self._migrate()
 
     @property
@@ -105,6 +135,21 @@ class Catalog:
 
     def close(self) -> None:
         self.conn.close()
+
+    @property
+    def origin(self) -> str:
+        """This catalog's id in audit trails that meet in the lake (made once, kept forever)."""
+        if self._origin is None:
+            value = self.get_meta("origin")
+            if value is None:
+                import uuid
+
+                value = uuid.uuid4().hex[:16]
+                self.conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('origin', ?)", (value,))
+                value = self.get_meta("origin")
+                self.conn.execute("UPDATE audit SET origin = ?, origin_seq = seq WHERE origin IS NULL", (value,))
+            self._origin = value
+        return self._origin  # type: ignore[return-value]
 
     def _migrate(self) -> None:
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
@@ -140,6 +185,7 @@ class Catalog:
 
     # -- commits and tags --------------------------------------------------------------------
     def add_commits(self, commits: Iterable[Commit]) -> None:
+        commits = list(commits)
         rows = (
             {
                 "id": c.id,
@@ -158,6 +204,11 @@ class Catalog:
             for c in commits
         )
         self.db["commits"].insert_all(rows, replace=True)
+        for c in commits:
+            if c.run:  # lineage: the run that produced this commit
+                self.conn.execute(
+                    "INSERT OR IGNORE INTO run_outputs (run_id, dataset, commit_id) VALUES (?,?,?)", (c.run, c.dataset, c.id)
+                )
 
     def touch_dataset(self, name: str) -> None:
         self.db["datasets"].upsert({"name": name, "refreshed": now_iso()}, pk="name")
@@ -234,11 +285,16 @@ class Catalog:
             derived_from=tuple(json.loads(derived or "[]")),
             transform=transform,
             tags=self.tags_of(cid),
+            run=self._run_of(cid),
         )
+
+    def _run_of(self, commit_id: str) -> str | None:
+        row = self.conn.execute("SELECT run_id FROM run_outputs WHERE commit_id = ? LIMIT 1", (commit_id,)).fetchone()
+        return row[0] if row else None
 
     def clear_index(self) -> None:
         """Forget everything that is rebuilt from the lake and the sites (keeps the audit trail)."""
-        for table in ("datasets", "commits", "tags", "cache_entries"):
+        for table in ("datasets", "commits", "tags", "cache_entries", "tombstones", "run_outputs"):
             self.conn.execute(f"DELETE FROM {table}")
 
     # -- cache entries -----------------------------------------------------------------------
@@ -302,8 +358,9 @@ class Catalog:
         **details: object,
     ) -> None:
         """Append one event; each event's hash covers the previous one's (a hash chain)."""
+        origin = self.origin
         with self.transaction():
-            row = self.conn.execute("SELECT hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+            row = self.conn.execute("SELECT hash FROM audit WHERE origin = ? ORDER BY seq DESC LIMIT 1", (origin,)).fetchone()
             prev = row[0] if row else "0" * 64
             event = {
                 "time": now_iso(),
@@ -316,10 +373,10 @@ class Catalog:
                 "site": site,
                 "details": details,
             }
-            digest = hashlib.sha256(prev.encode() + canonical_json(event)).hexdigest()
-            self.conn.execute(
-                "INSERT INTO audit (time, user, host, action, dataset, commit_id, ref, site, details, prev, hash)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            digest = event_hash(prev, event)
+            cur = self.conn.execute(
+                "INSERT INTO audit (time, user, host, action, dataset, commit_id, ref, site, details, prev, hash, origin)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     event["time"],
                     event["user"],
@@ -332,23 +389,44 @@ class Catalog:
                     json.dumps(details, sort_keys=True),
                     prev,
                     digest,
+                    origin,
                 ),
             )
+            self.conn.execute("UPDATE audit SET origin_seq = seq WHERE seq = ?", (cur.lastrowid,))
 
-    def audit_events(self, *, dataset: str | None = None, action: str | None = None) -> Iterator[dict]:
-        sql = "SELECT seq, time, user, host, action, dataset, commit_id, ref, site, details FROM audit WHERE 1=1"
+    def audit_events(
+        self,
+        *,
+        dataset: str | None = None,
+        action: str | None = None,
+        user: str | None = None,
+        since: str | None = None,
+        origin: str | None = None,
+        commit: str | None = None,
+    ) -> Iterator[dict]:
+        """Audit events matching every given filter, oldest first (``since``: ISO time, inclusive)."""
+        sql = (
+            "SELECT seq, time, user, host, action, dataset, commit_id, ref, site, details, origin, origin_seq, prev, hash"
+            " FROM audit WHERE 1=1"
+        )
         params: list = []
-        if dataset:
-            sql += " AND dataset = ?"
-            params.append(dataset)
-        if action:
-            sql += " AND action = ?"
-            params.append(action)
-        cols = ("seq", "time", "user", "host", "action", "dataset", "commit", "ref", "site", "details")
-        for row in self.conn.execute(sql + " ORDER BY seq", params):
+        for column, value in (("dataset", dataset), ("action", action), ("user", user), ("origin", origin), ("commit_id", commit)):
+            if value:
+                sql += f" AND {column} = ?"
+                params.append(value)
+        if since:
+            sql += " AND time >= ?"
+            params.append(since)
+        cols = ("seq", "time", "user", "host", "action", "dataset", "commit", "ref", "site", "details", "origin", "origin_seq", "prev", "hash")
+        for row in self.conn.execute(sql + " ORDER BY time, seq", params):
             event = dict(zip(cols, row, strict=True))
             event["details"] = json.loads(event["details"])
             yield event
+
+
+def event_hash(prev: str, event: dict) -> str:
+    """The chain link: SHA-256 over the previous event's hash and this event's canonical JSON."""
+    return hashlib.sha256(prev.encode() + canonical_json(event)).hexdigest()
 
 
 class _Tx:

@@ -66,6 +66,7 @@ class Settings:
     sites: dict[str, Site] = field(default_factory=dict)
     jobs: int = DEFAULT_JOBS
     config_path: Path | None = None
+    hooks: dict[str, list[str]] = field(default_factory=dict)  # event -> shell commands
 
     @property
     def catalog_path(self) -> Path:
@@ -123,7 +124,9 @@ def load_settings(home: str | os.PathLike[str] | None = None, *, lake: str | Non
         jobs = max(1, int(jobs_text))
     except ValueError:
         raise ConfigError(f"CACHEHUB_JOBS must be a whole number, not {jobs_text!r}") from None
+    hooks = _hooks_from(data.get("hooks", {}), config_path)
     return Settings(
+        hooks=hooks,
         home=home_path,
         lake_url=lake_url,
         endpoint_url=endpoint,
@@ -133,6 +136,20 @@ def load_settings(home: str | os.PathLike[str] | None = None, *, lake: str | Non
         jobs=jobs,
         config_path=config_path,
     )
+
+
+def _hooks_from(table: dict, where: Path) -> dict[str, list[str]]:
+    from .hooks import EVENTS
+
+    out: dict[str, list[str]] = {}
+    for event, value in table.items():
+        if event not in EVENTS:
+            raise ConfigError(f"{where}: unknown hook {event!r}; use one of {', '.join(EVENTS)}")
+        commands = [value] if isinstance(value, str) else value
+        if not isinstance(commands, list) or not all(isinstance(c, str) for c in commands):
+            raise ConfigError(f"{where}: hook {event} must be a command string or a list of them")
+        out[event] = commands
+    return out
 
 
 def validate_site_name(name: str) -> str:

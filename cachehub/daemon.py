@@ -60,6 +60,7 @@ class Metrics:
             self.reused_bytes += result.reused_bytes  # type: ignore[attr-defined]
             self.fetched_files += result.fetched_files  # type: ignore[attr-defined]
             self.reused_files += result.reused_files  # type: ignore[attr-defined]
+            self.evictions["admission"] += len(getattr(result, "evicted", ()))
 
 
 class Daemon:
@@ -310,6 +311,8 @@ class Daemon:
         parts = rel.parts
         if not parts or (len(parts) == 1 and is_dir):
             return  # a whole tree published or evicted: not damage
+        if not (commits / parts[0]).is_dir():
+            return  # events from a tree already moved out (eviction): not damage
         with self._damaged_lock:
             self.damaged.add((site, parts[0]))
         log.info("change (%s) inside published commit %s at %s: will verify", kind, parts[0][:12], site)

@@ -81,6 +81,7 @@ def plan_eviction(
     expire: bool = True,
     capacity: bool = True,
     only: Iterable[str] | None = None,
+    shared: Iterable[tuple[int, tuple[str, ...]]] = (),
 ) -> EvictionPlan:
     """Decide evictions: expired entries first, then least recently used under capacity pressure.
 
@@ -88,6 +89,7 @@ def plan_eviction(
     to the given commit ids (manual eviction: no TTL or capacity logic).
     """
     entries = list(entries)
+    freer = _Freer(shared)
     kept: list[tuple[EntryState, str]] = []
     evict: list[Eviction] = []
     candidates: list[EntryState] = []
@@ -102,7 +104,7 @@ def plan_eviction(
             candidates.append(e)
     if wanted is not None:
         evict = [Eviction(e, "manual") for e in candidates]
-        freed = sum(e.exclusive_bytes for e in candidates)
+        freed = sum(freer.evict(e) for e in candidates)
         return EvictionPlan(tuple(evict), tuple(kept), freed, usage, None, 0, now)
 
     candidates.sort(key=lambda e: (e.last_used, e.commit))  # least recently used first
@@ -111,19 +113,57 @@ def plan_eviction(
     for e in candidates:
         if expire and site.ttl > 0 and now - e.last_used > site.ttl:
             evict.append(Eviction(e, "expired"))
-            freed += e.exclusive_bytes
+            freed += freer.evict(e)
         else:
             rest.append(e)
 
     need = _bytes_to_free(site, usage - freed, fs_free + freed if fs_free is not None else None, fs_total, need_bytes) + freed if capacity else 0
-    target = usage - need if need > 0 else None
+    target = max(0, usage - need) if need > 0 else None
+    # LRU, skipping entries whose eviction alone frees nothing (content others still use);
+    # a second pass takes those too if the first fell short (shared content frees together)
+    skipped: list[EntryState] = []
     for e in rest:
         if freed >= need:
             kept.append((e, "not needed"))
-            continue
-        evict.append(Eviction(e, "capacity"))
-        freed += e.exclusive_bytes
+        elif freer.gain(e) == 0:
+            skipped.append(e)
+        else:
+            evict.append(Eviction(e, "capacity"))
+            freed += freer.evict(e)
+    for e in skipped:
+        if freed >= need:
+            kept.append((e, "frees nothing"))
+        else:
+            evict.append(Eviction(e, "capacity"))
+            freed += freer.evict(e)
     return EvictionPlan(tuple(evict), tuple(kept), freed, usage, target, max(0, need - freed), now)
+
+
+class _Freer:
+    """Bytes freed by evicting one more entry: its own content, plus shared content whose
+    every other owner is already evicted."""
+
+    def __init__(self, shared: Iterable[tuple[int, tuple[str, ...]]]) -> None:
+        self.remaining: list[list] = []
+        self.by_commit: dict[str, list[int]] = {}
+        for size, owners in shared:
+            index = len(self.remaining)
+            self.remaining.append([size, len(owners)])
+            for owner in owners:
+                self.by_commit.setdefault(owner, []).append(index)
+
+    def gain(self, e: EntryState) -> int:
+        """What evicting ``e`` next would free, without deciding it."""
+        return e.exclusive_bytes + sum(self.remaining[i][0] for i in self.by_commit.get(e.commit, ()) if self.remaining[i][1] == 1)
+
+    def evict(self, e: EntryState) -> int:
+        freed = e.exclusive_bytes
+        for index in self.by_commit.get(e.commit, ()):
+            slot = self.remaining[index]
+            slot[1] -= 1
+            if slot[1] == 0:
+                freed += slot[0]
+        return freed
 
 
 def _protected(e: EntryState, site: Site, now: float) -> str | None:
@@ -152,28 +192,34 @@ def _bytes_to_free(site: Site, usage: int, fs_free: int | None, fs_total: int | 
 
 
 # -- gathering state (I/O) -------------------------------------------------------------------
-def gather(store: SiteStore, *, now: float | None = None) -> tuple[list[EntryState], int]:
-    """The site's entries with their exclusive sizes, and its current usage in bytes.
+def gather(
+    store: SiteStore, *, now: float | None = None, keep: set[bytes] | None = None
+) -> tuple[list[EntryState], int, list[tuple[int, tuple[str, ...]]]]:
+    """The site's entries, its usage in bytes, and the content shared between entries.
 
-    Usage counts ``objects/`` (plus the trees of a ``copy`` site). Exclusive bytes come from the
-    manifests kept at the site: content referenced by exactly one cached commit.
+    Usage counts ``objects/`` (plus the trees of a ``copy`` site). An entry's exclusive bytes
+    are the content only it references; ``shared`` lists (size, commits) of content several
+    entries reference, freed only when all of them go. Content in ``keep`` (what a commit
+    being admitted will reuse) is never counted as freed.
     """
     now = time.time() if now is None else now
     cached = list(store.cached())
-    refs: dict[str, list] = {}  # sha -> [size, refcount, last commit]
+    refs: dict[bytes, list] = {}  # sha -> [size, [commits]]
     for c in cached:
-        seen: set[str] = set()
         for entry in read_manifest(store.manifest_path(c.manifest), validate=False):
-            if entry.sha256 in seen:
-                continue
-            seen.add(entry.sha256)
-            slot = refs.setdefault(entry.sha256, [entry.size, 0, c.commit])
-            slot[1] += 1
-            slot[2] = c.commit
+            key = bytes.fromhex(entry.sha256)
+            slot = refs.setdefault(key, [entry.size, []])
+            if not slot[1] or slot[1][-1] != c.commit:
+                slot[1].append(c.commit)
     exclusive: dict[str, int] = {}
-    for size, count, owner in refs.values():
-        if count == 1:
-            exclusive[owner] = exclusive.get(owner, 0) + size
+    shared: list[tuple[int, tuple[str, ...]]] = []
+    for key, (size, owners) in refs.items():
+        if keep and key in keep:
+            continue
+        if len(owners) == 1:
+            exclusive[owners[0]] = exclusive.get(owners[0], 0) + size
+        else:
+            shared.append((size, tuple(owners)))
     entries = []
     for c in cached:
         last = c.last_used if c.last_used is not None else _mtime(store.meta_path(c.commit), now)
@@ -190,7 +236,7 @@ def gather(store: SiteStore, *, now: float | None = None) -> tuple[list[EntrySta
             )
         )
     usage = store.object_bytes()[1] + (sum(c.bytes for c in cached) if store.site.link == "copy" else 0)
-    return entries, usage
+    return entries, usage, shared
 
 
 def _mtime(path: Path, default: float) -> float:
@@ -209,7 +255,7 @@ class EvictionResult:
     gc_bytes: int
 
 
-def execute(store: SiteStore, plan: EvictionPlan) -> EvictionResult:
+def execute(store: SiteStore, plan: EvictionPlan, *, keep: set[bytes] | None = None, own_lock: Path | None = None) -> EvictionResult:
     """Carry out a plan with the unpublish/re-check/restore protocol, then collect garbage."""
     done: list[Eviction] = []
     restored: list[str] = []
@@ -234,7 +280,7 @@ def execute(store: SiteStore, plan: EvictionPlan) -> EvictionResult:
             marker.unlink(missing_ok=True)
         remove_tree(trash)
         done.append(ev)
-    objects, nbytes = gc(store)
+    objects, nbytes = gc(store, keep=keep, own_lock=own_lock)
     return EvictionResult(tuple(done), tuple(restored), objects, nbytes)
 
 
@@ -274,20 +320,30 @@ def _used_since(store: SiteStore, commit_id: str, planned_last_use: float, plan_
     return last > planned_last_use + 1e-6 and last >= plan_time - RECENT_USE_SLACK
 
 
-def gc(store: SiteStore, *, now: float | None = None, dry_run: bool = False) -> tuple[int, int]:
+def gc(
+    store: SiteStore,
+    *,
+    now: float | None = None,
+    dry_run: bool = False,
+    keep: set[bytes] | None = None,
+    own_lock: Path | None = None,
+) -> tuple[int, int]:
     """Remove content objects (and manifests) no cached commit references; return (count, bytes).
 
-    Objects younger than GC_MIN_AGE are kept while a build lock is held at the site, since
-    they may be waiting to be linked into a tree being built.
+    ``keep`` is content a build in progress needs (admission passes the new commit's). Objects
+    younger than GC_MIN_AGE are also kept while *another* build lock is held at the site,
+    since they may be waiting to be linked into that tree. Use markers of commits that are no
+    longer cached are removed too.
     """
     now = time.time() if now is None else now
-    referenced: set[bytes] = set()
+    referenced: set[bytes] = set(keep or ())
     manifests: set[str] = set()
     for c in store.cached():
         manifests.add(c.manifest)
         for entry in read_manifest(store.manifest_path(c.manifest), validate=False):
             referenced.add(bytes.fromhex(entry.sha256))
-    building = any((store.root / "locks").glob("*.lock")) if (store.root / "locks").exists() else False
+    locks = set((store.root / "locks").glob("*.lock")) if (store.root / "locks").exists() else set()
+    building = bool(locks - {own_lock})
     count = total = 0
     for dirpath, _dirs, files in os.walk(store.root / "objects"):
         for name in files:
@@ -312,6 +368,10 @@ def gc(store: SiteStore, *, now: float | None = None, dry_run: bool = False) -> 
         for path in (store.root / "manifests").glob("*/*.tsv.gz"):
             if path.name[: -len(".tsv.gz")] not in manifests:
                 path.unlink(missing_ok=True)
+        used = store.root / "used"
+        for marker in used.iterdir() if used.exists() else ():
+            if not store.is_cached(marker.name) and now - _mtime(marker, now) > store.site.grace:
+                marker.unlink(missing_ok=True)
     return count, total
 
 

@@ -74,6 +74,7 @@ def commit_body(commit: Commit) -> dict:
         "created": commit.created,
         "derived_from": list(commit.derived_from),
         "transform": commit.transform,
+        **({"run": commit.run} if commit.run else {}),
     }
 
 
@@ -100,6 +101,7 @@ def commit_from_bytes(data: bytes, *, expected_id: str | None = None) -> Commit:
         created=body["created"],
         derived_from=tuple(body.get("derived_from", ())),
         transform=body.get("transform"),
+        run=body.get("run"),
     )
 
 

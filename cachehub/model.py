@@ -37,6 +37,7 @@ class Commit:
     derived_from: tuple[str, ...] = ()
     transform: str | None = None
     tags: tuple[str, ...] = field(default=(), compare=False)
+    run: str | None = None  # the run that produced it (``cachehub run --snapshot``)
 
     @property
     def short(self) -> str:
@@ -76,6 +77,7 @@ class PushResult:
     present_bytes: int
     tag: str | None
     seconds: float
+    hashed_files: int = 0  # files read and hashed (the rest were unchanged since last seen)
 
 
 @dataclass(frozen=True)

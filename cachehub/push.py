@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from .errors import ConflictError, IntegrityError
 from .fsutil import HOST, unique_suffix
+from .hashcache import HashCache
 from .lake import COMMIT_FORMAT, COMMIT_FORMAT_VERSION, manifest_key, now_iso, object_key
 from .manifest import ManifestWriter, read_manifest
 from .model import Commit, ManifestEntry, PushResult
@@ -51,6 +52,7 @@ def push(
     transform: str | None = None,
     progress: Progress = NULL,
     jobs: int | None = None,
+    run: str | None = None,
 ) -> PushResult:
     """Publish ``directory`` as a new commit of ``dataset``; upload only what the lake lacks."""
     started = time.monotonic()
@@ -77,13 +79,17 @@ def push(
     manifest_tmp = tmp / f"push-manifest.{unique_suffix()}"
     todo_tmp = tmp / f"push-todo.{unique_suffix()}"
     try:
+        hashes = HashCache(hub.catalog)
         manifest_id, files, nbytes, candidates = _hash_and_list(
-            hub, directory, parent_commit, manifest_tmp, todo_tmp, progress, jobs
+            hub, directory, parent_commit, manifest_tmp, todo_tmp, progress, hashes
         )
+        hashes.save()
         if parent_commit is not None and manifest_id == parent_commit.manifest and not inputs:
             if tag is not None:
                 hub.tag(f"{dataset}@{parent_commit.id}", tag, force=force)
-            return PushResult(dataset, parent_commit.id, False, files, nbytes, 0, 0, files, nbytes, tag, time.monotonic() - started)
+            return PushResult(
+                dataset, parent_commit.id, False, files, nbytes, 0, 0, files, nbytes, tag, time.monotonic() - started, hashes.misses
+            )
         uploaded_files, uploaded_bytes = _upload(hub, todo_tmp, candidates, progress, jobs)
         if not lake.backend.exists(manifest_key(manifest_id)):
             lake.backend.write(manifest_key(manifest_id), manifest_tmp.read_bytes())
@@ -109,6 +115,8 @@ def push(
         "derived_from": list(inputs),
         "transform": transform,
     }
+    if run:
+        fields["run"] = run  # optional key: commits without it keep the ids they always had
     commit = lake.write_commit(fields)
     with hub.catalog.transaction():
         hub.catalog.add_commits([commit])
@@ -140,6 +148,7 @@ def push(
         present_bytes=nbytes - uploaded_bytes,
         tag=tag,
         seconds=time.monotonic() - started,
+        hashed_files=hashes.misses,
     )
 
 
@@ -150,7 +159,7 @@ def _hash_and_list(
     manifest_path: os.PathLike[str],
     todo_path: os.PathLike[str],
     progress: Progress,
-    jobs: int,
+    hashes: HashCache,
 ) -> tuple[str, int, int, int]:
     """Write the manifest; list (sha, size, abspath) of files whose content may be new.
 
@@ -166,7 +175,9 @@ def _hash_and_list(
     progress.start("hash")
     try:
         with open(todo_path, "w", encoding="utf-8") as todo:
-            hashed = hash_files(walk(directory), jobs=max(2, min(8, os.cpu_count() or 2)))
+            hashed = hash_files(
+                walk(directory), jobs=max(2, min(8, os.cpu_count() or 2)), known=hashes.lookup, on_hashed=hashes.remember
+            )
             for found, entry in hashed:
                 writer.add(entry)
                 progress.advance(1, entry.size)

@@ -33,6 +33,7 @@ class FoundFile:
     ino: int
     dev: int
     mtime_ns: int
+    ctime_ns: int = 0
 
 
 def walk(root: str | os.PathLike[str]) -> Iterator[FoundFile]:
@@ -74,7 +75,7 @@ def _walk(top: str, directory: str, prefix: str) -> Iterator[FoundFile]:
             yield from _walk(top, path, rel + "/")
         else:
             validate_path(rel)
-            yield FoundFile(rel, path, st.st_size, st.st_ino, st.st_dev, st.st_mtime_ns)
+            yield FoundFile(rel, path, st.st_size, st.st_ino, st.st_dev, st.st_mtime_ns, st.st_ctime_ns)
 
 
 HashLookup = Callable[[FoundFile], str | None]

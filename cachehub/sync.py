@@ -18,6 +18,7 @@ import hashlib
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,7 +30,7 @@ from .manifest import read_manifest
 from .model import CacheEntry, CacheResult, Commit, ManifestEntry, VerifyResult
 from .progress import NULL, Progress
 from .store import BuildLock, Linker, SiteStore, make_tree_readonly, remove_tree, sweep_dead_entries
-from .transfer import run
+from .transfer import run_bounded
 
 if TYPE_CHECKING:
     from .api import Hub
@@ -109,7 +110,7 @@ def cache(
             if store.is_cached(commit.id):  # another process published it while we waited
                 store.touch(commit.id)
                 return _result(commit, store, 0, 0, commit.files, commit.bytes, started, already=True)
-            evicted = _admit(hub, store, commit, the_plan)
+            evicted = _admit(hub, store, commit, the_plan, manifest, lock.path if lock is not None else None)
             fetched_files, fetched_bytes = _fetch(hub, store, commit, missing_list, the_plan, progress, jobs or hub.settings.jobs)
             _site_manifest(store, commit, manifest)
             _build_and_publish(store, commit, manifest, progress)
@@ -139,7 +140,7 @@ def cache(
     return result
 
 
-def _admit(hub: Hub, store: SiteStore, commit: Commit, the_plan: Plan) -> tuple[str, ...]:
+def _admit(hub: Hub, store: SiteStore, commit: Commit, the_plan: Plan, manifest: Path, lock: Path | None) -> tuple[str, ...]:
     """Make room under the site's quota and free-space floor before downloading anything.
 
     Fails (NoSpaceError, nothing fetched) if the commit would not fit even after evicting every
@@ -151,7 +152,8 @@ def _admit(hub: Hub, store: SiteStore, commit: Commit, the_plan: Plan) -> tuple[
     from .evict import Eviction, EvictionPlan, execute
     from .fsutil import human_bytes
 
-    plan = hub.plan_eviction(site=site.name, need_bytes=the_plan.missing_bytes)
+    needed = {bytes.fromhex(e.sha256) for e in read_manifest(manifest, validate=False)}  # reused, so never freed
+    plan = hub.plan_eviction(site=site.name, need_bytes=the_plan.missing_bytes, keep=needed)
     if plan.shortfall > 0:
         kept = ", ".join(f"{e.dataset}@{e.commit[:12]} ({why})" for e, why in plan.kept) or "none"
         raise NoSpaceError(
@@ -164,7 +166,9 @@ def _admit(hub: Hub, store: SiteStore, commit: Commit, the_plan: Plan) -> tuple[
     if not plan.evict:
         return ()
     evictions = tuple(Eviction(e.entry, "admission" if e.reason == "capacity" else e.reason) for e in plan.evict)
-    result = execute(store, EvictionPlan(evictions, (), plan.freed_bytes, plan.usage, plan.target, 0, plan.now))
+    result = execute(
+        store, EvictionPlan(evictions, (), plan.freed_bytes, plan.usage, plan.target, 0, plan.now), keep=needed, own_lock=lock
+    )
     hub._audit_evictions(store, result, None)
     return tuple(f"{e.entry.dataset}@{e.entry.commit}" for e in result.evicted)
 
@@ -207,9 +211,9 @@ def _fetch(
                 await _fetch_large(backend, store, sha, size, ranges[0])
             else:
                 data = await backend.aget(object_key(sha))
-                if len(data) != size or hashlib.sha256(data).hexdigest() != sha:
-                    raise _damaged(sha, len(data))
-                store.store_object(sha, data)
+                # hashing and the write syscalls run on a worker thread (both release the GIL),
+                # so the event loop keeps requests in flight meanwhile
+                await loop.run_in_executor(writers, _verify_and_store, store, sha, size, data)
         except FileNotFoundError:
             raise IntegrityError(
                 f"object {sha} of {commit.dataset}@{commit.short} is missing from the lake; the lake is damaged "
@@ -220,16 +224,33 @@ def _fetch(
         counts[1] += size
         progress.advance(1, size)
 
+    async def main() -> None:
+        nonlocal loop
+        loop = asyncio.get_running_loop()
+        await run_bounded(items(), one, jobs=jobs)
+
+    loop: asyncio.AbstractEventLoop | None = None
     progress.start("fetch", total_files=the_plan.missing_objects, total_bytes=the_plan.missing_bytes)
+    writers = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="cachehub-write")
     try:
-        run(items(), one, jobs=jobs)
+        asyncio.run(main())
     finally:
+        writers.shutdown(wait=True)
         progress.finish()
     return counts[0], counts[1]
 
 
 LARGE_OBJECT = 16 * 1024 * 1024  # above this, parallel ranged GETs streamed to disk
 RANGE_SIZE = 8 * 1024 * 1024
+
+
+WRITER_THREADS = 4
+
+
+def _verify_and_store(store: SiteStore, sha: str, size: int, data: bytes) -> None:
+    if len(data) != size or hashlib.sha256(data).hexdigest() != sha:
+        raise _damaged(sha, len(data))
+    store.store_object(sha, data)
 
 
 def _damaged(sha: str, got: int) -> IntegrityError:

@@ -25,8 +25,10 @@ app = typer.Typer(
 )
 site_app = typer.Typer(help="Manage sites: cache roots near compute.", no_args_is_help=True)
 catalog_app = typer.Typer(help="Manage the local catalog (an index of the lake).", no_args_is_help=True)
+audit_app = typer.Typer(help="The audit trail: who did what, when, where.", invoke_without_command=True)
 app.add_typer(site_app, name="site")
 app.add_typer(catalog_app, name="catalog")
+app.add_typer(audit_app, name="audit")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 SiteOpt = Annotated[Optional[str], typer.Option("--site", "-s", help="Site name (default: CACHEHUB_SITE or the configured default, 'local').")]  # noqa: UP007
@@ -528,6 +530,162 @@ def daemon(
         refresh_every=parse_duration(refresh),
     )
     run_forever(d)
+
+
+# -- provenance ------------------------------------------------------------------------------
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run(
+    command: Annotated[list[str], typer.Argument(help="The command to run, after --.")],
+    use: Annotated[Optional[list[str]], typer.Option("--use", help="Input NAME@REF (repeatable): resolved, leased, exported.")] = None,  # noqa: UP007
+    snapshot: Annotated[Optional[list[str]], typer.Option("--snapshot", help="DIR:DATASET to snapshot when the command succeeds (repeatable).")] = None,  # noqa: UP007
+    site: SiteOpt = None,
+    snapshot_on_failure: Annotated[bool, typer.Option("--snapshot-on-failure", help="Snapshot even if the command fails.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Run a training command with leased inputs; record the run; snapshot its outputs."""
+    pairs = []
+    for spec in snapshot or []:
+        directory, sep, dataset = spec.rpartition(":")
+        if not sep or not directory or not dataset:
+            raise typer.BadParameter(f"--snapshot {spec!r}: expected DIR:DATASET, e.g. ./checkpoints:resnet50-ckpt")
+        pairs.append((directory, dataset))
+    with _hub() as hub:
+        result = hub.run(list(command), uses=use or [], snapshots=pairs, site=site, snapshot_on_failure=snapshot_on_failure)
+    if json_out:
+        _emit(result)
+    else:
+        outs = ", ".join(f"{o['dataset']}@{o['commit'][:12]}" for o in result.outputs) or "none"
+        typer.echo(f"run {result.id}: {result.status} (exit {result.exit_code}) in {result.duration:.1f}s; snapshots: {outs}", err=True)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def lineage(
+    ref: Annotated[str, typer.Argument(help="NAME@REF")],
+    up: Annotated[bool, typer.Option("--up", help="Only where it came from.")] = False,
+    down: Annotated[bool, typer.Option("--down", help="Only what came from it.")] = False,
+    depth: Annotated[Optional[int], typer.Option("--depth", help="At most N hops.")] = None,  # noqa: UP007
+    fmt: Annotated[str, typer.Option("--format", help="text | json | dot | mermaid")] = "text",
+) -> None:
+    """Show a commit's lineage: parents, inputs and transforms upstream; derived data and runs downstream."""
+    from cachehub import lineage as lin
+
+    if fmt not in ("text", "json", "dot", "mermaid"):
+        raise typer.BadParameter("--format must be text, json, dot or mermaid")
+    with _hub() as hub:
+        graph = hub.lineage(ref, up=up or not down, down=down or not up, depth=depth)
+    start = next(iter(graph.nodes))
+    if fmt == "json":
+        _emit(lin.to_json(graph))
+    elif fmt == "dot":
+        typer.echo(lin.to_dot(graph), nl=False)
+    elif fmt == "mermaid":
+        typer.echo(lin.to_mermaid(graph), nl=False)
+    else:
+        typer.echo(lin.to_text(graph, start), nl=False)
+
+
+@audit_app.callback()
+def audit(
+    ctx: typer.Context,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", help="Only this dataset.")] = None,  # noqa: UP007
+    action: Annotated[Optional[str], typer.Option("--action", help="Only this action (push, tag, cache, resolve, use, evict...).")] = None,  # noqa: UP007
+    user: Annotated[Optional[str], typer.Option("--user", help="Only this user.")] = None,  # noqa: UP007
+    since: Annotated[Optional[str], typer.Option("--since", help="Only events at or after this ISO time, e.g. 2026-11-01.")] = None,  # noqa: UP007
+    json_out: JsonOpt = False,
+) -> None:
+    """List audit events (every state change), oldest first."""
+    if ctx.invoked_subcommand is not None:
+        return
+    with _hub() as hub:
+        events = hub.audit(dataset=dataset, action=action, user=user, since=since)
+    _listing(
+        events,
+        json_out,
+        "no matching events",
+        lambda e: f"{e['time']}  {e['user']}@{e['host']}  {e['action']:16} "
+        + " ".join(x for x in (f"{e['dataset']}@{e['commit'][:12]}" if e["dataset"] and e["commit"] else e["dataset"] or "", f"site {e['site']}" if e["site"] else "") if x),
+    )
+
+
+@audit_app.command("verify")
+def audit_verify(json_out: JsonOpt = False) -> None:
+    """Check the hash chains: detect an edited, deleted or re-ordered event (exit 9 if broken)."""
+    with _hub() as hub:
+        problems = hub.audit_verify()
+        count = hub.catalog.conn.execute("SELECT count(*) FROM audit").fetchone()[0]
+    if json_out:
+        _emit({"events": count, "ok": not problems, "problems": [p.__dict__ for p in problems]})
+    else:
+        for p in problems:
+            typer.echo(f"BROKEN at {p.origin}:{p.seq}: {p.message}")
+        typer.echo(f"{count} events checked: {'intact' if not problems else f'{len(problems)} problem(s)'}")
+    if problems:
+        raise typer.Exit(9)
+
+
+@audit_app.command("push")
+def audit_push() -> None:
+    """Copy audit events not yet in the lake to the lake now."""
+    with _hub() as hub:
+        n = hub.ship_audit()
+    typer.echo(f"shipped {n} events to the lake")
+
+
+@app.command("snapshot")
+def snapshot_cmd(
+    directory: Annotated[str, typer.Argument(help="Working directory to snapshot.")],
+    dataset: Annotated[str, typer.Argument(help="Dataset to commit it to.")],
+    message: Annotated[str, typer.Option("--message", "-m", help="Commit message.")] = "",
+    tag: Annotated[Optional[str], typer.Option(help="Tag the new commit.")] = None,  # noqa: UP007
+    json_out: JsonOpt = False,
+) -> None:
+    """A new commit from a working directory, re-hashing only files that changed since last seen."""
+    with _hub() as hub:
+        r = hub.snapshot(directory, dataset, message=message, tag=tag, progress=_progress(not json_out))
+    if json_out:
+        _emit(r)
+    elif not r.created:
+        typer.echo(f"{dataset}: nothing changed since {r.commit[:12]} ({r.hashed_files} files re-hashed)")  # type: ignore[index]
+    else:
+        typer.echo(f"{dataset}@{r.commit[:12]}: {r.files} files, {r.hashed_files} re-hashed, uploaded {r.uploaded_files} ({_size(r.uploaded_bytes)})")  # type: ignore[index]
+
+
+@app.command("restore")
+def restore_cmd(
+    ref: Annotated[str, typer.Argument(help="NAME@REF to restore.")],
+    directory: Annotated[str, typer.Argument(help="New or empty directory for the writable copy.")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Write a writable working copy of a commit (history is never rewritten)."""
+    with _hub() as hub:
+        r = hub.restore(ref, directory)
+    if json_out:
+        _emit(r)
+    else:
+        where = f"site {r.from_site}" if r.from_site else "the lake"
+        typer.echo(f"restored {r.dataset}@{r.commit[:12]} ({r.files} files, {_size(r.bytes)}) from {where} into {r.path}")
+
+
+@app.command()
+def purge(
+    ref: Annotated[str, typer.Argument(help="NAME@REF to erase.")],
+    reason: Annotated[str, typer.Option("--reason", help="Why (recorded in the tombstone and the audit trail).")],
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Erase a commit: its unshared content in the lake and every site; leaves a tombstone."""
+    if not yes and sys.stdin.isatty():
+        typer.confirm(f"Erase {ref} from the lake and every site? This cannot be undone", abort=True)
+    with _hub() as hub:
+        r = hub.purge(ref, reason=reason)
+    if json_out:
+        _emit(r)
+    else:
+        typer.echo(
+            f"purged {r.dataset}@{r.commit[:12]}: removed {r.removed_objects} objects ({_size(r.removed_bytes)}), "
+            f"kept {r.kept_shared} shared; tags removed: {', '.join(r.tags_removed) or 'none'}; sites: {', '.join(r.sites_evicted) or 'none'}"
+        )
 
 
 # -- sites -----------------------------------------------------------------------------------

@@ -267,3 +267,34 @@ def test_eviction_never_pulls_a_tree_from_under_a_reader(hub: Hub, tmp_path: Pat
     assert reader.returncode == 0 and evictor.returncode == 0, (r_err, e_err)
     assert r_out.strip() == "0", r_err  # no read ever failed inside a use() block
     assert int(e_out.strip()) >= 1  # the race was exercised: some evictions went through between uses
+
+
+def test_plan_counts_content_shared_by_evicted_entries() -> None:
+    site = Site("s", "/x", ttl=0, quota=250, grace=0)
+    a = EntryState("a", "ds", 100, 0, 1.0, False, False)  # all of a's content is shared with b
+    b = EntryState("b", "ds", 200, 100, 2.0, False, False)
+    plan = plan_eviction([a, b], site, now=10, usage=200, need_bytes=194, shared=[(100, ("a", "b"))])
+    assert {e.entry.commit for e in plan.evict} == {"a", "b"} and plan.freed_bytes == 200 and plan.shortfall == 0
+
+
+def test_admission_never_frees_content_the_new_commit_reuses(hub: Hub, tmp_path: Path) -> None:
+    """v2 contains all of v1: admitting v2 may evict v1's tree but must keep v1's content."""
+    src = write_tree(tmp_path / "src", {"a.bin": b"a" * 3000, "b.bin": b"b" * 3000})
+    hub.push(src, "ds", tag="v1")
+    (src / "c.bin").write_bytes(b"c" * 3000)
+    hub.push(src, "ds", tag="v2")
+    other = hub.push(write_tree(tmp_path / "other", {"o.bin": b"o" * 3000}), "other").commit
+    hub.site_add("small", tmp_path / "small", quota="10000", ttl="0", grace="0")
+    v1 = hub.cache("ds@v1", site="small")
+    hub.cache("other", site="small")
+    store = SiteStore(hub.settings.site("small"))
+    set_last_use_at(store, v1.commit, time.time() - 7200)  # least recently used, but v2 needs its content
+    set_last_use_at(store, other, time.time() - 3600)
+    r = hub.cache("ds@v2", site="small")
+    assert r.evicted == (f"other@{other}",)  # evicting v1 would free nothing v2 does not need
+    assert r.fetched_bytes == 3000  # only c.bin: a and b were reused, not thrown away
+    assert tree_digest(Path(r.path)) == tree_digest(src)
+
+
+def set_last_use_at(store: SiteStore, commit_id: str, when: float) -> None:
+    os.utime(store.used_path(commit_id), (when, when))
