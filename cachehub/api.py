@@ -510,8 +510,9 @@ class Hub:
                 cache_queue.wait_for(store, commit_id, request)
             else:
                 self.cache(f"{dataset}@{commit_id}", site=store.site.name)
-        run_id = self._record_input(dataset, commit_id, as_ref or parsed.ref, store.site.name)
-        self.catalog.audit("resolve", dataset=dataset, commit=commit_id, ref=as_ref or parsed.ref, site=store.site.name, run=run_id)
+        with self.catalog.transaction():  # one commit for the run record and the audit event
+            run_id = self._record_input(dataset, commit_id, as_ref or parsed.ref, store.site.name)
+            self.catalog.audit("resolve", dataset=dataset, commit=commit_id, ref=as_ref or parsed.ref, site=store.site.name, run=run_id)
         path = store.commit_path(commit_id)
         self._hook("post_resolve", ref=ref, site=store.site.name, commit=commit_id, path=str(path))
         return path

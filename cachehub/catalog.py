@@ -360,8 +360,10 @@ class Catalog:
         """Append one event; each event's hash covers the previous one's (a hash chain)."""
         origin = self.origin
         with self.transaction():
-            row = self.conn.execute("SELECT hash FROM audit WHERE origin = ? ORDER BY seq DESC LIMIT 1", (origin,)).fetchone()
-            prev = row[0] if row else "0" * 64
+            row = self.conn.execute(
+                "SELECT hash, origin_seq FROM audit WHERE origin = ? ORDER BY origin_seq DESC LIMIT 1", (origin,)
+            ).fetchone()
+            prev, number = (row[0], row[1] + 1) if row else ("0" * 64, 1)
             event = {
                 "time": now_iso(),
                 "user": current_user(),
@@ -374,9 +376,9 @@ class Catalog:
                 "details": details,
             }
             digest = event_hash(prev, event)
-            cur = self.conn.execute(
-                "INSERT INTO audit (time, user, host, action, dataset, commit_id, ref, site, details, prev, hash, origin)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            self.conn.execute(
+                "INSERT INTO audit (time, user, host, action, dataset, commit_id, ref, site, details, prev, hash, origin, origin_seq)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     event["time"],
                     event["user"],
@@ -390,9 +392,9 @@ class Catalog:
                     prev,
                     digest,
                     origin,
+                    number,
                 ),
             )
-            self.conn.execute("UPDATE audit SET origin_seq = seq WHERE seq = ?", (cur.lastrowid,))
 
     def audit_events(
         self,
