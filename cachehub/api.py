@@ -289,6 +289,7 @@ class Hub:
     def _hook(self, event: str, **context: object) -> None:
         from .hooks import dispatch
 
+        context.setdefault("lake", lake_uri(self.settings.lake_url))
         dispatch(event, {k: v for k, v in context.items() if v is not None}, self.settings.hooks)
 
     def _lookup(self, parsed: Ref) -> Commit | None:
@@ -514,7 +515,7 @@ class Hub:
             run_id = self._record_input(dataset, commit_id, as_ref or parsed.ref, store.site.name)
             self.catalog.audit("resolve", dataset=dataset, commit=commit_id, ref=as_ref or parsed.ref, site=store.site.name, run=run_id)
         path = store.commit_path(commit_id)
-        self._hook("post_resolve", ref=ref, site=store.site.name, commit=commit_id, path=str(path))
+        self._hook("post_resolve", ref=f"{dataset}@{as_ref or parsed.ref}", dataset=dataset, site=store.site.name, commit=commit_id, path=str(path))
         return path
 
     def _record_input(self, dataset: str, commit_id: str, ref: str, site: str) -> str:
@@ -969,6 +970,11 @@ def _with_policy(site: Site, **changes: object) -> Site:
         else:
             raise TypeError(f"unknown site setting {key!r}")
     return replace(site, **values)  # type: ignore[arg-type]
+
+
+def lake_uri(url: str) -> str:
+    """The lake as a URI (``file:///abs/path`` for a directory), for lineage systems."""
+    return url.rstrip("/") if "://" in url else "file://" + os.path.abspath(os.path.expanduser(url))
 
 
 def lake_identity(url: str) -> str:

@@ -154,7 +154,9 @@ def run_command(
             if result.commit:
                 record.outputs.append({"dataset": dataset, "commit": result.commit})
     _finish(hub, record, started)
-    hub._hook("post_run", run=run_id, status=record.status, exit_code=exit_code, inputs=record.inputs, outputs=record.outputs)  # type: ignore[attr-defined]
+    hub._hook(  # type: ignore[attr-defined]
+        "post_run", run=run_id, command=command, status=record.status, exit_code=exit_code, inputs=record.inputs, outputs=record.outputs
+    )
     return RunResult(run_id, record.status, exit_code, record.duration or 0.0, tuple(record.inputs), tuple(record.outputs))
 
 
