@@ -186,6 +186,8 @@ class Catalog:
     # -- commits and tags --------------------------------------------------------------------
     def add_commits(self, commits: Iterable[Commit]) -> None:
         commits = list(commits)
+        if not commits:
+            return
         rows = (
             {
                 "id": c.id,
@@ -210,12 +212,14 @@ class Catalog:
                     "INSERT OR IGNORE INTO run_outputs (run_id, dataset, commit_id) VALUES (?,?,?)", (c.run, c.dataset, c.id)
                 )
 
+    # Single-row writes on hot paths use plain SQL: importing sqlite-utils pulls in numpy
+    # (~100 ms), which `cachehub cache` of an already indexed commit should not pay.
     def touch_dataset(self, name: str) -> None:
-        self.db["datasets"].upsert({"name": name, "refreshed": now_iso()}, pk="name")
+        self.conn.execute("INSERT OR REPLACE INTO datasets (name, refreshed) VALUES (?, ?)", (name, now_iso()))
 
     def set_tag(self, tag: Tag, etag: str | None) -> None:
-        self.db["tags"].upsert(
-            {"dataset": tag.dataset, "name": tag.name, "commit_id": tag.commit, "etag": etag}, pk=("dataset", "name")
+        self.conn.execute(
+            "INSERT OR REPLACE INTO tags (dataset, name, commit_id, etag) VALUES (?,?,?,?)", (tag.dataset, tag.name, tag.commit, etag)
         )
 
     def replace_tags(self, dataset: str, tags: Iterable[Tag]) -> None:
@@ -299,17 +303,9 @@ class Catalog:
 
     # -- cache entries -----------------------------------------------------------------------
     def add_cache_entry(self, entry: CacheEntry) -> None:
-        self.db["cache_entries"].upsert(
-            {
-                "site": entry.site,
-                "commit_id": entry.commit,
-                "dataset": entry.dataset,
-                "path": entry.path,
-                "files": entry.files,
-                "bytes": entry.bytes,
-                "cached_at": entry.cached_at,
-            },
-            pk=("site", "commit_id"),
+        self.conn.execute(
+            "INSERT OR REPLACE INTO cache_entries (site, commit_id, dataset, path, files, bytes, cached_at) VALUES (?,?,?,?,?,?,?)",
+            (entry.site, entry.commit, entry.dataset, entry.path, entry.files, entry.bytes, entry.cached_at),
         )
 
     def remove_cache_entry(self, site: str, commit_id: str) -> None:
