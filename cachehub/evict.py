@@ -342,8 +342,12 @@ def gc(
         manifests.add(c.manifest)
         for entry in read_manifest(store.manifest_path(c.manifest), validate=False):
             referenced.add(bytes.fromhex(entry.sha256))
-    locks = set((store.root / "locks").glob("*.lock")) if (store.root / "locks").exists() else set()
-    building = bool(locks - {own_lock})
+    started = time.time()
+
+    def other_builder() -> bool:
+        locks = set((store.root / "locks").glob("*.lock")) if (store.root / "locks").exists() else set()
+        return bool(locks - {own_lock})
+
     count = total = 0
     for dirpath, _dirs, files in os.walk(store.root / "objects"):
         for name in files:
@@ -358,7 +362,9 @@ def gc(
                 st = os.stat(path)
             except FileNotFoundError:
                 continue
-            if building and now - st.st_mtime < GC_MIN_AGE:
+            if st.st_mtime >= started - RECENT_USE_SLACK:
+                continue  # arrived while this gc ran: surely some build's
+            if now - st.st_mtime < GC_MIN_AGE and other_builder():
                 continue
             if not dry_run:
                 os.unlink(path)

@@ -17,7 +17,7 @@ import asyncio
 import hashlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -113,7 +113,21 @@ def cache(
             evicted = _admit(hub, store, commit, the_plan, manifest, lock.path if lock is not None else None)
             fetched_files, fetched_bytes = _fetch(hub, store, commit, missing_list, the_plan, progress, jobs or hub.settings.jobs)
             _site_manifest(store, commit, manifest)
-            _build_and_publish(store, commit, manifest, progress)
+
+            def refetch(items: list[tuple[str, int]]) -> None:
+                again = missing_list.with_name(missing_list.name + ".again")
+                again.write_text("".join(f"{sha}\t{size}\n" for sha, size in items))
+                try:
+                    again_plan = Plan(len(items), sum(s for _, s in items), len(items), sum(s for _, s in items), 0, 0)
+                    more = _fetch(hub, store, commit, again, again_plan, NULL, jobs or hub.settings.jobs)
+                finally:
+                    again.unlink(missing_ok=True)
+                counts[0] += more[0]
+                counts[1] += more[1]
+
+            counts = [fetched_files, fetched_bytes]
+            _build_and_publish(store, commit, manifest, progress, refetch)
+            fetched_files, fetched_bytes = counts
         finally:
             if lock is not None:
                 lock.release()
@@ -293,20 +307,37 @@ async def _fetch_large(backend: object, store: SiteStore, sha: str, size: int, l
     store.publish_object(tmp, sha)
 
 
-def _build_and_publish(store: SiteStore, commit: Commit, manifest: Path, progress: Progress) -> None:
+def _build_and_publish(
+    store: SiteStore, commit: Commit, manifest: Path, progress: Progress, refetch: Callable[[list[tuple[str, int]]], None]
+) -> None:
+    """Link every file into a private staging tree, then publish it with one rename.
+
+    An object the plan found at the site may have been collected since (gc of content no
+    cached commit used): such files are fetched again with ``refetch`` and linked after.
+    """
     staging = store.new_staging(commit.id)
     linker = Linker(store.site.link)
     made: set[str] = {""}
     progress.start("link", total_files=commit.files)
     top = str(staging)
+    vanished: list[ManifestEntry] = []
     try:
         for entry in read_manifest(manifest, validate=False):  # validated by plan() already
             parent, _, _ = entry.path.rpartition("/")
             if parent not in made:
                 os.makedirs(f"{top}/{parent}", exist_ok=True)
                 made.add(parent)
-            linker.place(store.object_file(entry.sha256), f"{top}/{entry.path}")
+            try:
+                linker.place(store.object_file(entry.sha256), f"{top}/{entry.path}")
+            except FileNotFoundError:
+                if os.path.exists(store.object_file(entry.sha256)):
+                    raise
+                vanished.append(entry)
             progress.advance(1, entry.size)
+        if vanished:
+            refetch(sorted({(e.sha256, e.size) for e in vanished}))
+            for entry in vanished:
+                linker.place(store.object_file(entry.sha256), f"{top}/{entry.path}")
         make_tree_readonly(staging)
         store.write_meta(commit)
         store.publish(staging, commit.id)

@@ -297,3 +297,39 @@ def test_corrupt_large_object_is_rejected(hub: Hub, tmp_path: Path, monkeypatch:
     root = Path(hub.settings.site().root)
     assert not SiteStore(hub.settings.site()).object_path(sha).exists()
     assert site_state(root)["commits"] == [] and not list((root / "tmp").iterdir())
+
+
+def test_objects_collected_between_plan_and_build_are_fetched_again(hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gc may remove content the plan counted on (another process's sweep); the build refetches it.
+
+    The race is forced by running the real gc right after the real plan.
+    """
+    from cachehub import sync
+    from cachehub.evict import gc
+
+    src = random_tree(tmp_path / "src", 30)
+    hub.push(src, "old")
+    hub.push(src, "new")
+    hub.cache("old")
+    store = SiteStore(hub.settings.site())
+    old_id = hub.resolve_commit("old").id
+    os.utime(store.used_path(old_id), (0, 0))
+    for obj in (store.root / "objects").rglob("*"):
+        if obj.is_file():
+            os.utime(obj, (0, 0))  # old content, not protected by its age
+    real_plan = sync.plan
+
+    def plan_then_collect(*args, **kwargs):  # type: ignore[no-untyped-def]
+        result = real_plan(*args, **kwargs)
+        trash = store.unpublish(old_id)  # 'old' is evicted by someone else...
+        store.meta_path(old_id).unlink()
+        from cachehub.store import remove_tree
+
+        remove_tree(trash)  # type: ignore[arg-type]
+        assert gc(store)[0] == 30  # ...and its content collected, after 'new' planned to reuse it
+        return result
+
+    monkeypatch.setattr(sync, "plan", plan_then_collect)
+    r = hub.cache("new")
+    assert r.reused_files == 30 and r.fetched_files == 30  # planned as reused, fetched after all
+    assert tree_digest(Path(r.path)) == tree_digest(src)

@@ -173,8 +173,12 @@ def test_sigterm_stops_cleanly_and_a_restart_resumes_queued_work(hub: Hub, tmp_p
         assert not (store.root / "daemon.json").exists()  # withdrawn: nodes stop queueing
         hub.cache_async("ds")  # queued while no daemon runs
         assert not store.is_cached(commit)
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        wait_until(lambda: store.is_cached(commit), what="queued request served after restart")
+        log = open(tmp_path / "daemon2.log", "w")  # noqa: SIM115
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_until(lambda: store.is_cached(commit), what="queued request served after restart")
+        except AssertionError:
+            raise AssertionError((tmp_path / "daemon2.log").read_text()[-3000:]) from None
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
