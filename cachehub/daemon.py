@@ -167,14 +167,39 @@ class Daemon:
                             self.metrics.evictions[ev.reason] += 1
 
     def refresh(self) -> None:
-        """Index commits and tags pushed from other sites; pick up new subscriptions."""
+        """Index commits and tags pushed from other sites; evict commits purged elsewhere;
+        ship this daemon's audit events; pick up new subscriptions."""
         with self._hub() as hub:
             try:
                 for name in hub.lake.datasets():
                     hub.refresh(name)
+                self._evict_purged(hub)
+                hub.ship_audit()
             except (CachehubError, OSError) as exc:
                 log.warning("refresh failed: %s", exc)
         self._schedule_subscriptions()
+
+    def _evict_purged(self, hub: Hub) -> None:
+        """A purge on another host reaches this host's sites through the lake's tombstones."""
+        from .evict import gc
+        from .restore import evict_purged
+
+        purged = [r[0] for r in hub.catalog.conn.execute("SELECT commit_id FROM tombstones")]
+        for name in self.site_names:
+            store = SiteStore(self.settings.site(name))
+            removed, doomed = [], set()
+            for cid in purged:
+                content = evict_purged(store, cid)
+                if content is not None:
+                    removed.append(cid)
+                    doomed |= content
+            if removed:
+                gc(store, doomed=doomed)
+            for cid in removed:
+                hub.catalog.remove_cache_entry(name, cid)
+                hub.catalog.audit("evict", commit=cid, site=name, reason="purged")
+                with self.metrics.lock:
+                    self.metrics.evictions["purged"] += 1
 
     def serve_queue(self) -> None:
         """Cache every requested commit once per site; tell waiters about failures."""
@@ -364,7 +389,7 @@ class Daemon:
             "# HELP cachehub_evictions_total Cache entries evicted, by reason.",
             "# TYPE cachehub_evictions_total counter",
         ]
-        for reason in ("expired", "capacity", "manual", "admission"):
+        for reason in ("expired", "capacity", "manual", "admission", "purged"):
             lines.append(f'cachehub_evictions_total{{reason="{reason}"}} {m["evictions"].get(reason, 0)}')
         lines += ["# HELP cachehub_repairs_total Files repaired after a change was detected.", "# TYPE cachehub_repairs_total counter", f"cachehub_repairs_total {m['repairs']}"]
         gauges = [

