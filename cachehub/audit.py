@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .catalog import event_hash
+from .errors import ConflictError
 from .lake import canonical_json
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ def verify_chain(events: Iterable[dict]) -> list[ChainProblem]:
 
 def ordered_for_verify(hub: Hub) -> list[dict]:
     rows = list(hub.catalog.audit_events())
-    rows.sort(key=lambda e: (e["origin"], e["seq"]))
+    rows.sort(key=lambda e: (e["origin"], e["origin_seq"]))  # each chain in its own order
     return rows
 
 
@@ -77,7 +78,14 @@ def ship(hub: Hub) -> int:
     rows.sort(key=lambda e: e["origin_seq"])
     lines = b"".join(canonical_json(_wire(e)) + b"\n" for e in rows)
     key = f"audit/{origin}/{rows[0]['origin_seq']:012d}-{rows[-1]['origin_seq']:012d}.jsonl"
-    hub.lake.backend.write(key, lines)
+    try:
+        hub.lake.backend.write(key, lines, if_none_match=True)  # never overwrite shipped history
+    except ConflictError:
+        raise ConflictError(
+            f"the lake already holds audit events {key}: this catalog's trail diverged from what it shipped "
+            "(were events deleted?); run cachehub audit verify",
+            key=key,
+        ) from None
     with catalog.transaction():
         catalog.conn.executemany("UPDATE audit SET shipped = 1 WHERE seq = ?", [(e["seq"],) for e in rows])
     return len(rows)

@@ -115,6 +115,34 @@ def run_command(
     paths: dict[str, str] = {}
     hub._hook("pre_run", run=run_id, command=command, inputs=uses)  # type: ignore[attr-defined]
     _save_run(hub, record)
+    try:
+        return _run_recorded(hub, record, command, uses, snapshots, site, snapshot_on_failure, env, started, paths)
+    except BaseException:
+        if record.status == "running":  # an input, the command or a snapshot failed: say so
+            record.status = "failed"
+            _finish(hub, record, started)
+            hub._hook("post_run", run=run_id, command=command, status="failed", exit_code=record.exit_code, inputs=record.inputs, outputs=record.outputs)  # type: ignore[attr-defined]
+        raise
+
+
+def _run_recorded(
+    hub: object,
+    record: RunRecord,
+    command: list[str],
+    uses: list[str],
+    snapshots: list[tuple[str, str]],
+    site: str | None,
+    snapshot_on_failure: bool,
+    env: dict[str, str],
+    started: float,
+    paths: dict[str, str],
+) -> RunResult:
+    import contextlib
+    import json
+    import signal
+    import subprocess
+
+    run_id = record.id
     exit_code = 1
     with contextlib.ExitStack() as stack:
         for ref in uses:
@@ -136,23 +164,24 @@ def run_command(
         try:
             proc = subprocess.Popen(command, env=env)
         except OSError as exc:
-            record.status, record.exit_code = "failed", 127
-            _finish(hub, record, started)
+            record.exit_code = 127
             raise CachehubError(f"cannot start {command[0]!r}: {exc}; check the command after --") from exc
         forward = {sig: signal.signal(sig, lambda s, _f: proc.send_signal(s)) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             exit_code = proc.wait()
+            if exit_code < 0:  # killed by a signal: the shell's convention, 128 + signal
+                exit_code = 128 - exit_code
         finally:
             for sig, previous in forward.items():
                 signal.signal(sig, previous)
     record.exit_code = exit_code
-    record.status = "succeeded" if exit_code == 0 else "failed"
     if exit_code == 0 or snapshot_on_failure:
         inputs = tuple(f"{i['dataset']}@{i['commit']}" for i in record.inputs)
         for directory, dataset in snapshots:
             result = hub.snapshot(directory, dataset, message=f"output of run {run_id}", run=run_id, derived_from=inputs)  # type: ignore[attr-defined]
             if result.commit:
                 record.outputs.append({"dataset": dataset, "commit": result.commit})
+    record.status = "succeeded" if exit_code == 0 else "failed"
     _finish(hub, record, started)
     hub._hook(  # type: ignore[attr-defined]
         "post_run", run=run_id, command=command, status=record.status, exit_code=exit_code, inputs=record.inputs, outputs=record.outputs

@@ -225,9 +225,11 @@ def _fetch(
                 await _fetch_large(backend, store, sha, size, ranges[0])
             else:
                 data = await backend.aget(object_key(sha))
-                # hashing and the write syscalls run on a worker thread (both release the GIL),
-                # so the event loop keeps requests in flight meanwhile
-                await loop.run_in_executor(writers, _verify_and_store, store, sha, size, data)
+                if writers is None:
+                    _verify_and_store(store, sha, size, data)
+                else:
+                    # hashing and the write syscalls on a worker thread (both release the GIL)
+                    await loop.run_in_executor(writers, _verify_and_store, store, sha, size, data)
         except FileNotFoundError:
             raise IntegrityError(
                 f"object {sha} of {commit.dataset}@{commit.short} is missing from the lake; the lake is damaged "
@@ -245,11 +247,13 @@ def _fetch(
 
     loop: asyncio.AbstractEventLoop | None = None
     progress.start("fetch", total_files=the_plan.missing_objects, total_bytes=the_plan.missing_bytes)
-    writers = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="cachehub-write")
+    threads = int(os.environ.get("CACHEHUB_WRITE_THREADS", WRITER_THREADS))
+    writers = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cachehub-write") if threads > 0 else None
     try:
         asyncio.run(main())
     finally:
-        writers.shutdown(wait=True)
+        if writers is not None:
+            writers.shutdown(wait=True)
         progress.finish()
     return counts[0], counts[1]
 

@@ -1,9 +1,12 @@
 """The transfer engine: many requests in flight from one event loop, bounded in memory.
 
 Both push (uploads) and cache (downloads) hand it a plain iterator of work items and one
-coroutine per item; it keeps ``jobs`` of them running, pulls the next item only when a slot
-frees up (so a million-file plan is never materialised as tasks), and stops at the first
-error after letting the running ones finish or cancelling them.
+coroutine per item. ``jobs`` lanes pull items from the shared iterator one at a time (so a
+million-file plan is never materialised as tasks) and run them; the first error stops every
+lane and is re-raised.
+
+Lanes rather than a task per item: waiting on a growing set of tasks costs O(jobs) per
+completion, which at 20,000 small objects was a measurable share of the client's CPU.
 """
 
 from __future__ import annotations
@@ -18,34 +21,29 @@ T = TypeVar("T")
 async def run_bounded(items: Iterable[T], worker: Callable[[T], Awaitable[None]], *, jobs: int) -> None:
     """Run ``worker(item)`` for every item with at most ``jobs`` in flight; re-raise the first error."""
     iterator = iter(items)
-    running: set[asyncio.Task[None]] = set()
-    error: BaseException | None = None
-    try:
-        while True:
-            while error is None and len(running) < jobs:
-                item = next(iterator, _END)
-                if item is _END:
-                    break
-                running.add(asyncio.ensure_future(worker(item)))  # type: ignore[arg-type]
-            if not running:
-                break
-            done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                exc = task.exception()
-                if exc is not None and error is None:
-                    error = exc
-            if error is not None:
-                break
-    finally:
-        for task in running:
-            task.cancel()
-        if running:
-            await asyncio.gather(*running, return_exceptions=True)
-    if error is not None:
-        raise error
+    failed = False
 
+    async def lane() -> None:
+        nonlocal failed
+        # next() is never awaited, so lanes on one event loop never race on the iterator
+        for item in iterator:
+            if failed:
+                return
+            try:
+                await worker(item)
+            except BaseException:
+                failed = True
+                raise
 
-_END = object()
+    lanes = [asyncio.ensure_future(lane()) for _ in range(max(1, jobs))]
+    done, pending = await asyncio.wait(lanes, return_when=asyncio.FIRST_EXCEPTION)
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.gather(*pending, return_exceptions=True)
+    for task in lanes:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
 
 
 def run(items: Iterable[T], worker: Callable[[T], Awaitable[None]], *, jobs: int) -> None:

@@ -306,3 +306,30 @@ def test_python_entry_point_hooks(hub: Hub, tmp_path: Path, monkeypatch: pytest.
         assert ("post_push", "allowed") in cachehub_test_plugin.calls
     finally:
         hooks.reset()
+
+
+def test_runs_that_fail_inside_cachehub_are_recorded_as_failed(tmp_path: Path, local_env: dict[str, str]) -> None:
+    env = {**local_env, "CACHEHUB_RUN_ID": "broken-run"}
+    missing_input = run_cli("run", "--use", "nosuch", "--", "true", env=env)
+    assert missing_input.returncode == 4
+    with Hub(load_settings()) as hub:
+        assert hub.catalog.conn.execute("SELECT status FROM runs WHERE id = 'broken-run'").fetchone() == ("failed",)
+        data, _ = hub.lake.backend.read("runs/broken-run.json")
+        assert json.loads(data)["status"] == "failed"
+
+
+def test_a_command_killed_by_a_signal_exits_128_plus_the_signal(tmp_path: Path, local_env: dict[str, str]) -> None:
+    result = run_cli("run", "--", "sh", "-c", "kill -9 $$", env=local_env)
+    assert result.returncode == 137
+
+
+def test_shipping_never_overwrites_the_lakes_copy(hub: Hub, tmp_path: Path) -> None:
+    hub.push(write_tree(tmp_path / "s", {"x": "1"}), "ds")
+    shipped = sorted(hub.lake.backend.list("audit/"))
+    assert shipped
+    _tamper(hub, "DELETE FROM audit WHERE seq = (SELECT max(seq) FROM audit)")  # hide the newest event
+    hub.close()
+    with Hub(hub.settings) as again:
+        again.catalog.audit("gc", site="local", objects=0, bytes=0)  # reuses the hidden event's number
+        assert again.ship_audit() == 0  # refused, logged: the lake keeps what it had
+        assert sorted(again.lake.backend.list("audit/")) == shipped

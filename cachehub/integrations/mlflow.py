@@ -19,7 +19,12 @@ def hook(event: str, context: dict[str, Any]) -> None:
 
     if mlflow.active_run() is None:
         return
-    log_commit(mlflow, context)
+    try:
+        log_commit(mlflow, context)
+    except Exception as exc:  # tracking is best effort: never fail the data access
+        import logging
+
+        logging.getLogger("cachehub.mlflow").warning("MLflow input not logged: %s", exc)
 
 
 def log_commit(mlflow: Any, context: dict[str, Any]) -> None:

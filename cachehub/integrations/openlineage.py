@@ -27,11 +27,17 @@ def enabled() -> bool:
 
 
 def hook(event: str, context: dict[str, Any]) -> None:
+    """Emit the run event; lineage is best effort and never stops a training job."""
     if event not in ("pre_run", "post_run") or not enabled():
         return
-    from openlineage.client import OpenLineageClient
+    try:
+        from openlineage.client import OpenLineageClient
 
-    OpenLineageClient().emit(build_event(event, context))
+        OpenLineageClient().emit(build_event(event, context))
+    except Exception as exc:  # an unreachable lineage server must not block the run
+        import logging
+
+        logging.getLogger("cachehub.openlineage").warning("OpenLineage event not sent: %s", exc)
 
 
 def run_uuid(run_id: str) -> str:
