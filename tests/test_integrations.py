@@ -74,3 +74,25 @@ def test_mlflow_log_input_names_the_commit(hub: Hub, tmp_path: Path, monkeypatch
     assert [t.value for t in logged.tags] == ["training"]
     # without an active run nothing is logged and nothing fails
     hub.resolve("images@v3")
+
+
+def test_mlflow_inputs_of_a_wrapped_command(tmp_path: Path, local_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """cachehub run with MLFLOW_RUN_ID: the inputs reach that run without changing its status."""
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = (tmp_path / "mlruns").as_uri()
+    env = {**local_env, "MLFLOW_TRACKING_URI": uri, "MLFLOW_ALLOW_FILE_STORE": "true"}
+    commit = json.loads(run_cli("push", str(write_tree(tmp_path / "src", {"a.png": "x"})), "images", "--tag", "v3", "--json", env=env, check=True).stdout)["commit"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mlflow.set_tracking_uri(uri)
+        client = MlflowClient(uri)
+        run_id = client.create_run(client.create_experiment("wrapped")).info.run_id
+        result = run_cli("run", "--use", "images@v3", "--", "true", env={**env, "MLFLOW_RUN_ID": run_id})
+        assert result.returncode == 0, result.stderr
+        run = client.get_run(run_id)
+    [logged] = run.inputs.dataset_inputs
+    assert (logged.dataset.name, logged.dataset.digest) == ("images@v3", commit)
+    assert run.info.status == "RUNNING"  # cachehub did not end somebody else's run
