@@ -158,7 +158,7 @@ def machine_info(bins: dict[str, list[str]]) -> dict[str, str]:
         "s5cmd": _first_line([*bins["s5cmd"], "version"]),
         "rclone": _first_line([*bins["rclone"], "version"]),
         "seaweedfs": weed_ver,
-        "loadavg_start": Path("/proc/loadavg").read_text().split(" ", 3)[:3].__str__(),
+        "loadavg_start": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
     }
 
 
@@ -525,8 +525,9 @@ class FreshFS:
         FreshFS.counter += 1
         self.kind = kind
         self.size = size
-        self.mnt = WORK / "mnt" / f"fs{FreshFS.counter:03d}"
-        self.img = WORK / "img" / f"fs{FreshFS.counter:03d}.img"
+        # named after this process, so that another bench.py started meanwhile leaves them alone
+        self.mnt = WORK / "mnt" / str(os.getpid()) / f"fs{FreshFS.counter:03d}"
+        self.img = WORK / "img" / str(os.getpid()) / f"fs{FreshFS.counter:03d}.img"
 
     def __enter__(self) -> Path:
         self.mnt.mkdir(parents=True, exist_ok=True)
@@ -560,12 +561,39 @@ def umount(path: Path) -> None:
 
 
 def cleanup_stale_mounts() -> None:
-    base = str(WORK / "mnt")
+    """Unmount and delete what this process or a dead bench.py left under bench/.work; never another live run's."""
+
+    def other_bench_running() -> bool:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(pid) != os.getpid() and b"bench.py" in cmd and b"python" in cmd:
+                return True
+        return False
+
+    def mine_or_orphan(owner: str) -> bool:
+        if owner == str(os.getpid()):
+            return True
+        if not owner.isdigit():  # an older layout without the owner's pid
+            return not other_bench_running()
+        return not Path(f"/proc/{owner}").exists()
+
+    base = WORK / "mnt"
     for line in Path("/proc/mounts").read_text().splitlines():
-        target = line.split()[1]
-        if target.startswith(base):
-            umount(Path(target))
-    shutil.rmtree(WORK / "img", ignore_errors=True)
+        target = Path(line.split()[1])
+        try:
+            rel = target.relative_to(base)
+        except ValueError:
+            continue
+        if mine_or_orphan(rel.parts[0] if rel.parts else ""):
+            umount(target)
+    for top in (WORK / "img", base):
+        if top.is_dir():
+            for owner in os.listdir(top):
+                if mine_or_orphan(owner) and not any(Path(l.split()[1]).is_relative_to(top / owner) for l in Path("/proc/mounts").read_text().splitlines()):
+                    shutil.rmtree(top / owner, ignore_errors=True)
 
 
 def _sh(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -1141,16 +1169,25 @@ class Bench:
         self.attempt("recache", "cachehub cache (command)", run, recache_cli)
 
         try:
+            import inspect
+
             with Hub(load_settings(home, lake=lake)) as hub:
-                for record, name in ((True, "resolve() in-process"), (False, "resolve(record=False) in-process")):
+                full = f"{ref.split('@')[0]}@{first['commit']}"
+                variants: list[tuple[str, str, dict[str, Any]]] = [
+                    ("resolve() in-process", ref, {}),
+                    ("resolve() by full commit id, in-process", full, {}),
+                ]
+                if "record" in inspect.signature(hub.resolve).parameters:
+                    variants.append(("resolve(record=False) in-process", ref, {"record": False}))
+                for name, what, kwargs in variants:
                     self.wait_quiet()
-                    got = hub.resolve(ref, site="bench", record=record)  # warm
+                    got = hub.resolve(what, site="bench", **kwargs)  # warm
                     if str(got) != path:
                         raise CheckFailed(f"resolve returned {got}, expected {path}")
                     lat = self.latency.setdefault(name, [])
                     for _ in range(self.args.resolve_calls):
                         t0 = time.perf_counter()
-                        hub.resolve(ref, site="bench", record=record)
+                        hub.resolve(what, site="bench", **kwargs)
                         lat.append(time.perf_counter() - t0)
             lat = self.latency.setdefault("cachehub path (command)", [])
             self.wait_quiet()
@@ -1361,7 +1398,7 @@ class Bench:
         lines.append("")
         for k in ("date", "nproc", "cpu", "memory", "kernel", "os", "python", "cachehub", "obstore", "s5cmd", "rclone", "seaweedfs", "loadavg_start"):
             lines.append(f"- **{k}**: {machine[k]}")
-        lines.append(f"- **loadavg_end**: {Path('/proc/loadavg').read_text().split(' ', 3)[:3]}")
+        lines.append(f"- **loadavg_end**: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
         lines.append(f"- **cache filesystem**: {self.fs_description()}")
         lines.append(
             f"- **workload**: scale {d.scale:g}, seed {self.args.seed}: small = {len(d.small)} files, "

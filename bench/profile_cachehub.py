@@ -22,6 +22,7 @@ import io
 import json
 import os
 import pstats
+import re
 import shutil
 import subprocess
 import sys
@@ -51,6 +52,7 @@ def _threads():
         out[key] = out.get(key, 0) + cpu
     ru = __import__("resource").getrusage(__import__("resource").RUSAGE_SELF)
     out["__total__"] = ru.ru_utime + ru.ru_stime
+    out["__file__"] = getattr(sys.modules.get("cachehub"), "__file__", "?")
     sys.stderr.write("\nTHREADCPU " + json.dumps(out) + "\n")
 atexit.register(_threads)
 sys.argv = ["cachehub", *sys.argv[1:]]
@@ -58,20 +60,26 @@ runpy.run_module("cachehub.cli.main", run_name="__main__")
 """
 
 
-def pstats_text(path: Path, sort: str, limit: int) -> str:
+def pstats_text(path: Path, sort: str, limit: int, only: str | None = None) -> str:
+    """A pstats listing; with ``only``, just the functions whose file path matches that regex."""
     buf = io.StringIO()
     st = pstats.Stats(str(path), stream=buf)
-    st.strip_dirs().sort_stats(sort).print_stats(limit)
+    if only is None:
+        st.strip_dirs()
+    st.sort_stats(sort).print_stats(*([only, limit] if only else [limit]))
     text = buf.getvalue()
     start = text.find("   ncalls")
-    return text[start:] if start >= 0 else text
+    text = text[start:] if start >= 0 else text
+    if only:
+        text = re.sub(r"\S*/cachehub/", "cachehub/", text)
+    return text.rstrip() + "\n"
 
 
 def pyspy_summary(raw: Path, limit: int = 15) -> str:
-    """Hottest leaf frames and hottest Python functions (inclusive) from py-spy's raw output."""
+    """Hottest leaf frames and cachehub functions (inclusive) from py-spy's raw output (all threads)."""
     leaf: collections.Counter[str] = collections.Counter()
     incl: collections.Counter[str] = collections.Counter()
-    total = 0
+    total = importing = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack:
@@ -79,14 +87,20 @@ def pyspy_summary(raw: Path, limit: int = 15) -> str:
         n = int(count)
         total += n
         frames = stack.split(";")
+        if any("importlib._bootstrap" in fr for fr in frames):
+            importing += n
         leaf[_short(frames[-1])] += n
         seen = set()
         for fr in frames:
             s = _short(fr)
-            if ("cachehub" in fr or "backends" in fr or "/cli/" in fr) and s not in seen:
+            if "cachehub/" in fr and "<module>" not in fr and s not in seen:
                 seen.add(s)
                 incl[s] += n
-    out = [f"samples: {total}", "", "hottest leaf frames (self time, native frames included):"]
+    out = [
+        f"samples: {total} (all threads, idle excluded); {100 * importing / max(total, 1):.0f}% of them inside imports",
+        "",
+        "hottest leaf frames (self time, native frames included):",
+    ]
     for name, n in leaf.most_common(limit):
         out.append(f"  {100 * n / total:5.1f}%  {name}")
     out += ["", "cachehub functions, inclusive:"]
@@ -96,12 +110,15 @@ def pyspy_summary(raw: Path, limit: int = 15) -> str:
 
 
 def _short(frame: str) -> str:
-    # py-spy raw frames look like "function (path/to/file.py:123)"
+    # py-spy raw frames look like "function (path/to/file.py:123)"; drop the line number
     name, _, where = frame.partition(" (")
     where = where.rstrip(")")
     if where:
-        file, _, line = where.rpartition(":")
-        return f"{name} ({Path(file).name}:{line})" if file else f"{name} ({where})"
+        file, _, _line = where.rpartition(":")
+        file = file or where
+        parts = Path(file).parts
+        short = "/".join(parts[-2:]) if "cachehub" in parts[-2:-1] else Path(file).name
+        return f"{name} ({short})"
     return name
 
 
@@ -110,18 +127,31 @@ def main() -> int:
     ap.add_argument("--scale", type=float, default=0.1)
     ap.add_argument("--jobs", type=int, default=64)
     ap.add_argument("--limit", type=int, default=25, help="rows per cProfile listing")
+    ap.add_argument(
+        "--src", type=Path, help="profile a snapshot of cachehub's sources made by bench.py (default: snapshot the working tree now)"
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("must run as root (mounts a fresh filesystem)", file=sys.stderr)
         return 2
     bench.cleanup_stale_mounts()
     data = bench.build_data(args.scale, bench.SEED)
+    big = bench.build_data(1.0, bench.SEED)  # the large files at full size (8 x 64 MiB): above the ranged-GET threshold
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir(parents=True)
+    src = args.src.resolve() if args.src else bench.snapshot_sources(OUT / "src")
+    os.environ["PYTHONPATH"] = str(src)
+    sys.path.insert(0, str(src))
+    digest = bench.source_digest(src / "cachehub")
     bins = bench.find_binaries()
     server = bench.SeaweedServer(bins["weed"], OUT / "seaweed", bench.BUCKET)
     pyspy = shutil.which("py-spy")
-    report: list[str] = [f"# cachehub profile, scale {args.scale:g} ({len(data.small)} small files), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", ""]
+    report: list[str] = [
+        f"# cachehub profile, scale {args.scale:g} ({len(data.small)} small files), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        "",
+        f"cachehub sources: {src} (digest {digest})",
+        "",
+    ]
     try:
         server.start()
         lake = f"s3://{bench.BUCKET}/lake"
@@ -134,7 +164,7 @@ def main() -> int:
             wrapper.write_text(THREAD_WRAPPER)
             proc = subprocess.run(
                 [sys.executable, "-m", "cProfile", "-o", str(prof), str(wrapper), *cli_args],
-                env=env, capture_output=True, text=True,
+                env=env, capture_output=True, text=True, cwd=str(OUT),  # not the repo: -m puts the cwd on sys.path
             )  # fmt: skip
             wall = time.perf_counter() - t0
             if proc.returncode != 0:
@@ -149,14 +179,22 @@ def main() -> int:
             report.append("")
             report.append("CPU seconds by thread (at exit):")
             total = threads.pop("__total__", 0.0)
+            loaded = threads.pop("__file__", "?")
+            if not str(loaded).startswith(str(src)):
+                raise SystemExit(f"{name}: cachehub was imported from {loaded}, not from {src}")
             grouped: dict[str, float] = collections.Counter()
             for k, v in threads.items():
                 grouped[k.rstrip("0123456789-_")] += v
             for k, v in sorted(grouped.items(), key=lambda kv: -kv[1]):
                 report.append(f"  {v:7.2f}  {k}")
+            report.append(f"  {max(0.0, total - sum(grouped.values())):7.2f}  (threads that had already ended)")
             report.append(f"  {total:7.2f}  (process total)")
             report.append("")
-            report.append("cProfile, by own time:")
+            report.append("cProfile, cachehub's own functions by own time:")
+            report.append("```")
+            report.append(pstats_text(prof, "tottime", args.limit, only=re.escape(str(src)) + "/cachehub/"))
+            report.append("```")
+            report.append("cProfile, everything by own time:")
             report.append("```")
             report.append(pstats_text(prof, "tottime", args.limit))
             report.append("```")
@@ -188,6 +226,8 @@ def main() -> int:
         run("push", ["push", str(data.small_dir), "small", "--tag", "v1", "--json", "--jobs", str(args.jobs)], env)
         spy_env = dict(base_env, CACHEHUB_HOME=str(OUT / "publisher-spy"), CACHEHUB_LAKE=f"s3://{bench.BUCKET}/lake-spy")
         spy("push", ["push", str(data.small_dir), "small", "--tag", "v1", "--json", "--jobs", str(args.jobs)], spy_env)
+        subprocess.run([*bins["cachehub"], "push", str(big.large_dir), "large", "--tag", "v1", "--json"], env=env, check=True, capture_output=True)
+        subprocess.run([*bins["cachehub"], "push", str(data.v2_dir), "small", "--tag", "v2", "--json"], env=env, check=True, capture_output=True)
 
         from cachehub.api import Hub, init
         from cachehub.config import load_settings
@@ -195,18 +235,23 @@ def main() -> int:
         for tool in ("cprofile", "pyspy"):
             if tool == "pyspy" and not pyspy:
                 continue
-            with bench.FreshFS("ext4", int(2.5 * bench.total_bytes(data.small)) + 512 * bench.MiB) as mnt:
+            with bench.FreshFS("ext4", int(2.5 * bench.total_bytes(data.small)) + 2 * bench.total_bytes(big.large) + 512 * bench.MiB) as mnt:
                 home = mnt / "home"
                 init(home=home, lake=lake, endpoint_url=server.endpoint)
                 with Hub(load_settings(home, lake=lake)) as hub:
                     hub.site_add("bench", mnt / "site")
                 env = dict(base_env, CACHEHUB_HOME=str(home))
                 cache_args = ["cache", "small@v1", "--site", "bench", "--jobs", str(args.jobs), "--json"]
+                large_args = ["cache", "large@v1", "--site", "bench", "--jobs", str(args.jobs), "--json"]
                 if tool == "cprofile":
                     run("cold cache", cache_args, env)
+                    run("delta v1 -> v2", ["cache", "small@v2", "--site", "bench", "--jobs", str(args.jobs), "--json"], env)
+                    run("cold cache, large (8 x 64 MiB)", large_args, env)
                     run("path", ["path", "small@v1", "--site", "bench"], env)
                 else:
                     spy("cold cache", cache_args, env)
+                    spy("delta v1 -> v2", ["cache", "small@v2", "--site", "bench", "--jobs", str(args.jobs), "--json"], env)
+                    spy("cold cache, large (8 x 64 MiB)", large_args, env)
                     spy("path", ["path", "small@v1", "--site", "bench"], env)
     finally:
         server.stop()

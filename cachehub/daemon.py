@@ -5,7 +5,8 @@
 * ``sweep``      reap dead leases, evict expired entries, then LRU while over capacity;
 * ``refresh``    keep the catalog in step with the lake (commits and tags from other sites);
 * ``queue``      serve cache requests dropped on the site roots, one download per commit;
-* ``subscribe``  for each subscription, cache a new commit of its ref as soon as it appears;
+* ``subscriptions`` for each subscription whose interval passed, cache the commit its ref
+                 names now if the site lacks it (a new commit arrives as a delta);
 * ``repair``     re-verify (and repair) commits in which watchdog saw a file change;
 * ``heartbeat``  renew ``<root>/daemon.json`` so compute nodes know requests are served.
 
@@ -94,6 +95,7 @@ class Daemon:
         self._observer = None
         self._http: ThreadingHTTPServer | None = None
         self._stopped = threading.Event()
+        self._sub_last: dict[int, float] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -111,8 +113,8 @@ class Daemon:
         scheduler.add_job(self.serve_queue, "interval", seconds=self.queue_every, id="queue", next_run_time=_now_dt())
         scheduler.add_job(self.repair, "interval", seconds=max(1.0, self.queue_every), id="repair")
         scheduler.add_job(self.heartbeat, "interval", seconds=10, id="heartbeat")
+        scheduler.add_job(self.subscriptions_tick, "interval", seconds=self.queue_every, id="subscriptions", next_run_time=_now_dt())
         self._scheduler = scheduler
-        self._schedule_subscriptions()
         scheduler.start()
         if self.watch:
             self._start_watchdog()
@@ -177,7 +179,6 @@ class Daemon:
                 hub.ship_audit()
             except (CachehubError, OSError) as exc:
                 log.warning("refresh failed: %s", exc)
-        self._schedule_subscriptions()
 
     def _evict_purged(self, hub: Hub) -> None:
         """A purge on another host reaches this host's sites through the lake's tombstones."""
@@ -279,28 +280,19 @@ class Daemon:
         for name in self.site_names:
             cache_queue.heartbeat(SiteStore(self.settings.site(name)))
 
-    def _schedule_subscriptions(self) -> None:
-        """Make the scheduler's subscription jobs match the catalog's subscriptions."""
-        if self._scheduler is None or self._stopped.is_set():
-            return
+    def subscriptions_tick(self) -> None:
+        """Check each subscription whose interval has passed (one job; no scheduler changes
+        from job threads, which could deadlock against a shutdown)."""
         with self._hub() as hub:
-            subs = {f"subscription-{s['id']}": s for s in hub.catalog.subscriptions() if s["site"] in self.site_names}
-        current = {job.id: job for job in self._scheduler.get_jobs() if job.id.startswith("subscription-")}
-        for job_id in current.keys() - subs.keys():
-            self._scheduler.remove_job(job_id)
-        for job_id, sub in subs.items():
-            job = current.get(job_id)
-            if job is not None and job.trigger.interval.total_seconds() == sub["every"]:
-                continue
-            self._scheduler.add_job(
-                self.check_subscription,
-                "interval",
-                args=[sub["id"]],
-                seconds=sub["every"],
-                id=job_id,
-                replace_existing=True,
-                next_run_time=_now_dt(),
-            )
+            subs = [s for s in hub.catalog.subscriptions() if s["site"] in self.site_names]
+        now = time.monotonic()
+        for sub in subs:
+            if self._stopped.is_set():
+                return
+            last = self._sub_last.get(sub["id"])
+            if last is None or now - last >= sub["every"]:
+                self._sub_last[sub["id"]] = now
+                self.check_subscription(sub["id"])
 
     # -- watchdog ----------------------------------------------------------------------------
     def _start_watchdog(self) -> None:
