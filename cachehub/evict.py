@@ -340,10 +340,17 @@ def gc(
     now = time.time() if now is None else now
     referenced: set[bytes] = set(keep or ())
     manifests: set[str] = set()
-    for c in store.cached():
-        manifests.add(c.manifest)
-        for entry in read_manifest(store.manifest_path(c.manifest), validate=False):
-            referenced.add(bytes.fromhex(entry.sha256))
+
+    def index() -> set[str]:
+        names = set()
+        for c in store.cached():
+            names.add(c.commit)
+            manifests.add(c.manifest)
+            for entry in read_manifest(store.manifest_path(c.manifest), validate=False):
+                referenced.add(bytes.fromhex(entry.sha256))
+        return names
+
+    published = index()
     started = time.time()
 
     def other_builder() -> bool:
@@ -365,10 +372,16 @@ def gc(
             except FileNotFoundError:
                 continue
             if not (doomed and key in doomed):
-                if st.st_mtime >= started - RECENT_USE_SLACK:
+                if st.st_mtime >= started:
                     continue  # arrived while this gc ran: surely some build's
-                if now - st.st_mtime < GC_MIN_AGE and other_builder():
-                    continue
+                if now - st.st_mtime < GC_MIN_AGE:
+                    if other_builder():
+                        continue
+                    current = set(os.listdir(store.root / "commits"))
+                    if current != published:  # a build published meanwhile: look again
+                        published = index()
+                        if key in referenced:
+                            continue
             if not dry_run:
                 os.unlink(path)
             count += 1
