@@ -262,7 +262,7 @@ LARGE_OBJECT = 16 * 1024 * 1024  # above this, parallel ranged GETs streamed to 
 RANGE_SIZE = 8 * 1024 * 1024
 
 
-WRITER_THREADS = 4
+WRITER_THREADS = 0  # measured: inline beats a hand-off per object (0.84x vs 0.70x s5cmd at 5k files)
 
 
 def _verify_and_store(store: SiteStore, sha: str, size: int, data: bytes) -> None:

@@ -41,9 +41,10 @@ async def run_bounded(items: Iterable[T], worker: Callable[[T], Awaitable[None]]
         task.cancel()
     if pending:
         await asyncio.gather(*pending, return_exceptions=True)
-    for task in lanes:
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            raise task.exception()  # type: ignore[misc]
+    errors = [t.exception() for t in lanes if t.done() and not t.cancelled()]  # retrieves every one
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
 
 
 def run(items: Iterable[T], worker: Callable[[T], Awaitable[None]], *, jobs: int) -> None:
