@@ -89,7 +89,8 @@ def test_resolve_fetch_from_a_compute_node_goes_through_the_daemon(hub: Hub, tmp
     daemon_factory()
     path = hub.resolve(f"ds@{commit}", fetch=True)
     assert path == SiteStore(hub.settings.site()).commit_path(commit) and path.exists()
-    assert [e["commit"] for e in hub.catalog.audit_events(action="queue-served")] == [commit]
+    # the daemon audits right after publishing; the waiter may return first
+    wait_until(lambda: [e["commit"] for e in hub.catalog.audit_events(action="queue-served")] == [commit], what="queue-served audited")
 
 
 def test_a_changed_file_is_detected_and_repaired(hub: Hub, tmp_path: Path, daemon_factory) -> None:  # type: ignore[no-untyped-def]
