@@ -25,7 +25,7 @@ from .base import Backend
 
 try:  # pragma: no cover - import guard
     import obstore
-    from obstore.exceptions import AlreadyExistsError, BaseError, PreconditionError
+    from obstore.exceptions import AlreadyExistsError, PreconditionError
     from obstore.store import S3Store
 except ImportError as exc:  # pragma: no cover
     raise ConfigError("the S3 backend needs obstore: pip install obstore") from exc

@@ -31,7 +31,6 @@ from . import cache_queue
 from .api import Hub
 from .config import Settings
 from .errors import CachehubError
-from .policy import parse_duration
 from .store import SiteStore
 
 log = logging.getLogger("cachehub.daemon")
@@ -449,7 +448,3 @@ def run_forever(daemon: Daemon) -> None:
     for thread in threading.enumerate():
         if thread.name == "cachehub-stop":
             thread.join()
-
-
-def parse_every(text: str) -> float:
-    return parse_duration(text)

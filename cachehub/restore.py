@@ -14,7 +14,6 @@ Sites configured on other hosts evict it when their daemon next reads the lake.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os

@@ -100,10 +100,6 @@ def run_command(
     leases are released either way. Snapshots are taken when the command succeeds (or always,
     with ``snapshot_on_failure``), as commits derived from the inputs and produced by the run.
     """
-    import contextlib
-    import json
-    import signal
-    import subprocess
 
     from .catalog import current_user
 
