@@ -14,6 +14,13 @@ import abc
 from collections.abc import Iterator
 from pathlib import Path
 
+# What the data path returns: ``bytes`` or any object with the buffer protocol (obstore's
+# ``Bytes``), so a downloaded body is hashed and written without being copied.
+try:
+    from collections.abc import Buffer  # Python 3.12+
+except ImportError:  # 3.11: the name only serves annotations
+    Buffer = bytes  # type: ignore[misc,assignment]
+
 
 class Backend(abc.ABC):
     """Storage adapter for one lake root."""
@@ -57,12 +64,13 @@ class Backend(abc.ABC):
     async def aexists(self, key: str) -> bool: ...
 
     @abc.abstractmethod
-    async def aget(self, key: str) -> bytes:
+    async def aget(self, key: str) -> Buffer:
         """The whole object; FileNotFoundError if absent."""
 
     @abc.abstractmethod
-    async def aget_range(self, key: str, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)`` of the object (for parallel ranged reads of large objects)."""
+    async def aget_range(self, key: str, start: int, end: int) -> Buffer:
+        """Bytes ``[start, end)`` of the object (ranged reads of large objects, and one-call
+        reads of small objects whose size is known); may be shorter if the object is."""
 
     @abc.abstractmethod
     async def aput(self, key: str, data: bytes, *, sha256: str) -> None:

@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 from cachehub.errors import ConfigError, ConflictError, IntegrityError, LakeError
 from cachehub.fsutil import unique_suffix
 
-from .base import Backend
+from .base import Backend, Buffer
 
 try:  # pragma: no cover - import guard
     import obstore
@@ -161,16 +161,16 @@ class S3Backend(Backend):
         except Exception as exc:
             raise _translate(exc, key, self._where) from exc
 
-    async def aget(self, key: str) -> bytes:
+    async def aget(self, key: str) -> Buffer:
         try:
             result = await obstore.get_async(self._store, key)
-            return bytes(await result.bytes_async())
+            return await result.bytes_async()  # obstore.Bytes: a buffer, not copied into bytes
         except Exception as exc:
             raise _translate(exc, key, self._where) from exc
 
-    async def aget_range(self, key: str, start: int, end: int) -> bytes:
+    async def aget_range(self, key: str, start: int, end: int) -> Buffer:
         try:
-            return bytes(await obstore.get_range_async(self._store, key, start=start, end=end))
+            return await obstore.get_range_async(self._store, key, start=start, end=end)
         except Exception as exc:
             raise _translate(exc, key, self._where) from exc
 

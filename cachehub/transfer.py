@@ -7,13 +7,20 @@ lane and is re-raised.
 
 Lanes rather than a task per item: waiting on a growing set of tasks costs O(jobs) per
 completion, which at 20,000 small objects was a measurable share of the client's CPU.
+
+The loop is uvloop's where it is installed (a dependency on Linux and macOS): every obstore
+request completes on a Rust thread and wakes the loop with ``call_soon_threadsafe``, and
+uvloop does that, and the rest of the per-request bookkeeping, in about 25% less CPU than the
+standard loop (bench/, docs/performance.md). ``CACHEHUB_EVENT_LOOP=asyncio`` forces the
+standard loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable
-from typing import TypeVar
+import os
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -47,6 +54,18 @@ async def run_bounded(items: Iterable[T], worker: Callable[[T], Awaitable[None]]
         raise first
 
 
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` to completion on a fresh event loop (uvloop's when available)."""
+    if os.environ.get("CACHEHUB_EVENT_LOOP", "auto") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
+
+
 def run(items: Iterable[T], worker: Callable[[T], Awaitable[None]], *, jobs: int) -> None:
     """Synchronous entry point: run the engine on a fresh event loop."""
-    asyncio.run(run_bounded(items, worker, jobs=jobs))
+    run_loop(run_bounded(items, worker, jobs=jobs))

@@ -204,11 +204,12 @@ def test_hostile_manifest_is_refused_before_anything_is_written(hub: Hub, tmp_pa
     assert not (tmp_path / "escape").exists()
 
 
-def test_corrupt_object_is_rejected_and_not_stored(hub: Hub, tmp_path: Path) -> None:
+@pytest.mark.parametrize("tampered", [b"tampered bytes", b"short", b"tampered and longer bytes"], ids=["same-size", "shorter", "longer"])
+def test_corrupt_object_is_rejected_and_not_stored(hub: Hub, tmp_path: Path, tampered: bytes) -> None:
     src = write_tree(tmp_path / "src", {"good": "good bytes", "bad": "original bytes"})
     hub.push(src, "ds")
     bad_sha = hashlib.sha256(b"original bytes").hexdigest()
-    hub.lake.backend.write(object_key(bad_sha), b"tampered bytes")  # bit rot / tampering in the lake
+    hub.lake.backend.write(object_key(bad_sha), tampered)  # bit rot / tampering in the lake
     root = Path(hub.settings.site().root)
     with pytest.raises(IntegrityError, match=bad_sha):
         hub.cache("ds")
