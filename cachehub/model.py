@@ -125,6 +125,9 @@ class CacheResult:
     seconds: float
     already_cached: bool
     evicted: tuple[str, ...] = ()  # "dataset@commit" entries evicted to make room (admission)
+    # of fetched_bytes, how many were copied from an older version of the same file already
+    # at the site (chunk-level delta) instead of downloaded: network bytes = the difference
+    chunk_copied_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ Order of events, each step safe to kill:
 
 1. hash every file (threads) and write the manifest to a local temp file, streaming;
 2. upload every content object the lake lacks (content-addressed, so an upload that already
-   arrived before a crash is found by HEAD and not sent again);
+   arrived before a crash is found by HEAD and not sent again); objects above
+   ``chunks.CHUNKED_MIN`` also get a chunk map (``chunks.py``), written after the object;
 3. upload the manifest;
 4. write the commit document (create-only) -- only now does the commit exist;
 5. move the tag (compare-and-swap), then index the commit in the catalog and audit it.
@@ -21,6 +22,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from . import chunks
 from .errors import ConflictError, IntegrityError
 from .fsutil import HOST, unique_suffix
 from .hashcache import HashCache
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
     from .api import Hub
 
 SMALL_FILE = 4 * 1024 * 1024
+BIG_FILES_IN_FLIGHT = 4  # files above SMALL_FILE read into memory at once (memory: 4 x the largest)
 
 
 def push(
@@ -211,14 +214,28 @@ def _upload(hub: Hub, todo_path: os.PathLike[str], candidates: int, progress: Pr
                 seen.add(key)
                 yield sha, int(size), int(mtime), path
 
+    big: list[asyncio.Semaphore] = []  # made inside the event loop, on first use
+
     async def one(item: tuple[str, int, int, str]) -> None:
         sha, size, mtime, path = item
         key = object_key(sha)
         if await backend.aexists(key):
             progress.advance(1, 0)
             return
-        data = await asyncio.to_thread(_read_checked, path, sha, size, mtime) if size > SMALL_FILE else _read_checked(path, sha, size, mtime)
-        await backend.aput(key, data, sha256=sha)
+        if size <= SMALL_FILE:
+            await backend.aput(key, _read_checked(path, sha, size, mtime), sha256=sha)
+        else:
+            if not big:
+                big.append(asyncio.Semaphore(BIG_FILES_IN_FLIGHT))
+            async with big[0]:  # big files are read whole: bound how many are in memory at once
+                data = await asyncio.to_thread(_read_checked, path, sha, size, mtime)
+                chunk_map = await asyncio.to_thread(chunks.compute, data) if size > chunks.CHUNKED_MIN else None
+                await backend.aput(key, data, sha256=sha)
+                del data
+            if chunk_map is not None:
+                # after the object: a chunk map never describes content the lake lacks
+                blob = chunks.encode(chunk_map)
+                await backend.aput(chunks.chunk_map_key(sha), blob, sha256=hashlib.sha256(blob).hexdigest())
         counts[0] += 1
         counts[1] += size
         progress.advance(1, size)

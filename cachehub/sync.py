@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import IntegrityError, NoSpaceError, NotCachedError
+from .errors import FormatError, IntegrityError, NoSpaceError, NotCachedError
 from .fsutil import atomic_write, sha256_file, unique_suffix
 from .lake import now_iso, object_key
 from .manifest import read_manifest
@@ -55,7 +55,8 @@ def plan(store: SiteStore, manifest: Path, missing_list: Path) -> Plan:
     """Validate every manifest entry and list the distinct contents the site lacks.
 
     Reads the manifest (which refuses hostile paths) and stats the site's object store; the
-    only thing written is ``missing_list`` (``sha256<TAB>size`` lines), outside the site.
+    only thing written is ``missing_list`` (``sha256<TAB>size`` lines, plus ``<TAB>path`` for
+    large objects), outside the site.
     Memory: one set entry per *missing* content, nothing per reused file.
     """
     missing: set[bytes] = set()
@@ -70,7 +71,10 @@ def plan(store: SiteStore, manifest: Path, missing_list: Path) -> Plan:
                     continue
                 missing.add(key)
                 missing_bytes += entry.size
-                out.write(f"{entry.sha256}\t{entry.size}\n")
+                if entry.size > LARGE_OBJECT:  # the path finds an older version to take chunks from
+                    out.write(f"{entry.sha256}\t{entry.size}\t{entry.path}\n")
+                else:
+                    out.write(f"{entry.sha256}\t{entry.size}\n")
             fetched_files += 1
             fetched_bytes += entry.size
     return Plan(files, nbytes, len(missing), missing_bytes, files - fetched_files, nbytes - fetched_bytes)
@@ -111,7 +115,7 @@ def cache(
                 store.touch(commit.id)
                 return _result(commit, store, 0, 0, commit.files, commit.bytes, started, already=True)
             evicted = _admit(hub, store, commit, the_plan, manifest, lock.path if lock is not None else None)
-            fetched_files, fetched_bytes = _fetch(hub, store, commit, missing_list, the_plan, progress, jobs or hub.settings.jobs)
+            fetched_files, fetched_bytes, chunk_copied = _fetch(hub, store, commit, missing_list, the_plan, progress, jobs or hub.settings.jobs)
             _site_manifest(store, commit, manifest)
 
             def refetch(items: list[tuple[str, int]]) -> None:
@@ -124,10 +128,11 @@ def cache(
                     again.unlink(missing_ok=True)
                 counts[0] += more[0]
                 counts[1] += more[1]
+                counts[2] += more[2]
 
-            counts = [fetched_files, fetched_bytes]
+            counts = [fetched_files, fetched_bytes, chunk_copied]
             _build_and_publish(store, commit, manifest, progress, refetch)
-            fetched_files, fetched_bytes = counts
+            fetched_files, fetched_bytes, chunk_copied = counts
         finally:
             if lock is not None:
                 lock.release()
@@ -135,7 +140,7 @@ def cache(
         missing_list.unlink(missing_ok=True)
     store.touch(commit.id)
     result = _result(commit, store, fetched_files, fetched_bytes, the_plan.reused_files, the_plan.reused_bytes, started, already=False)
-    result = replace(result, evicted=evicted)
+    result = replace(result, evicted=evicted, chunk_copied_bytes=chunk_copied)
     with hub.catalog.transaction():
         hub.catalog.add_cache_entry(
             CacheEntry(store.site.name, commit.id, commit.dataset, result.path, commit.files, commit.bytes, now_iso(), None)
@@ -150,6 +155,7 @@ def cache(
             fetched_bytes=fetched_bytes,
             reused_files=the_plan.reused_files,
             reused_bytes=the_plan.reused_bytes,
+            chunk_copied_bytes=chunk_copied,
         )
     return result
 
@@ -204,16 +210,28 @@ def _fetch(
     the_plan: Plan,
     progress: Progress,
     jobs: int,
-) -> tuple[int, int]:
-    """Download every object in ``missing_list``, verified; return (objects, bytes) fetched."""
+) -> tuple[int, int, int]:
+    """Download every object in ``missing_list``, verified; return (objects, bytes, chunk-copied bytes).
+
+    Large objects whose path had an older version at the site (``_delta_bases``) are built
+    from that version's shared chunks plus ranged GETs of the rest (``chunks.py``).
+    """
     backend = hub.lake.backend
-    counts = [0, 0]
+    counts = [0, 0, 0]  # objects, bytes, bytes copied from older versions at the site (chunk deltas)
     ranges: list[asyncio.Semaphore] = []  # made inside the event loop, on first use
 
+    large_paths: dict[str, tuple[str, int]] = {}
+    with open(missing_list, encoding="utf-8") as fh:
+        for line in fh:
+            fields = line.rstrip("\n").split("\t", 2)
+            if len(fields) == 3:
+                large_paths.setdefault(fields[2], (fields[0], int(fields[1])))
+    bases = _delta_bases(hub, store, commit, large_paths) if large_paths else {}
+
     def items() -> Iterator[tuple[str, int]]:
-        with open(missing_list, encoding="ascii") as fh:
+        with open(missing_list, encoding="utf-8") as fh:
             for line in fh:
-                sha, size = line.split()
+                sha, size = line.split("\t", 2)[:2]
                 yield sha, int(size)
 
     async def one(item: tuple[str, int]) -> None:
@@ -221,8 +239,8 @@ def _fetch(
         try:
             if size > LARGE_OBJECT:
                 if not ranges:
-                    ranges.append(asyncio.Semaphore(max(2, jobs)))
-                await _fetch_large(backend, store, sha, size, ranges[0])
+                    ranges.append(asyncio.Semaphore(max(2, min(jobs, RANGES_IN_FLIGHT))))
+                counts[2] += await _fetch_large(backend, store, sha, size, ranges[0], base=bases.get(sha))
             else:
                 # one ranged GET of the known size: a single call into obstore (a plain GET is two,
                 # the response and then its body), measured at ~25% less client CPU per object
@@ -257,11 +275,12 @@ def _fetch(
         if writers is not None:
             writers.shutdown(wait=True)
         progress.finish()
-    return counts[0], counts[1]
+    return counts[0], counts[1], counts[2]
 
 
 LARGE_OBJECT = 16 * 1024 * 1024  # above this, parallel ranged GETs streamed to disk
 RANGE_SIZE = 8 * 1024 * 1024
+RANGES_IN_FLIGHT = 16  # ranged GETs of large objects at once (memory: 16 x RANGE_SIZE = 128 MiB)
 
 
 WRITER_THREADS = 0  # measured: inline beats a hand-off per object (0.84x vs 0.70x s5cmd at 5k files)
@@ -281,36 +300,169 @@ def _damaged(sha: str, got: int) -> IntegrityError:
     )
 
 
-async def _fetch_large(backend: object, store: SiteStore, sha: str, size: int, limit: asyncio.Semaphore) -> None:
-    """Fetch one large object with parallel ranged GETs into a temp file, verify, publish.
+async def _fetch_large(
+    backend: object, store: SiteStore, sha: str, size: int, limit: asyncio.Semaphore, *, base: tuple[str, list] | None = None
+) -> int:
+    """Fetch one large object into a temp file, verify its SHA-256, publish; return bytes copied locally.
 
-    ``limit`` is shared by every large object of the transfer, so at most that many ranges
-    (of RANGE_SIZE bytes) are in memory at once, whatever the object sizes.
+    The object is written as segments: ranged GETs of at most RANGE_SIZE bytes (``limit`` is
+    shared by every large object of the transfer, so at most that many ranges are in memory
+    at once) and, with a ``base`` (path of an older version at the site, chunk segments),
+    copies of the chunks that version shares. The SHA-256 is computed in file order while the
+    segments arrive, so the file is never read back. If the result does not verify and part of
+    it came from the base (damaged at the site, or a wrong chunk map), the object is fetched
+    again whole from the lake before anything is reported.
     """
-    tmp = store.temp_file(sha)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    from .chunks import Segment, copied_bytes
+
+    key = object_key(sha)
+    segments: list[Segment] = [Segment(0, size, None)]
+    base_fd = None
+    if base is not None:
+        try:
+            base_fd = os.open(base[0], os.O_RDONLY)  # held open: an eviction now cannot take the bytes away
+            segments = base[1]
+        except OSError:
+            base_fd = None
     try:
-        key = object_key(sha)
+        actual = await _write_segments(backend, store, key, sha, size, segments, limit, base_fd)
+    finally:
+        if base_fd is not None:
+            os.close(base_fd)
+    copied = copied_bytes(segments) if base_fd is not None else 0
+    if actual[0] != sha and copied:
+        actual, copied = await _write_segments(backend, store, key, sha, size, [Segment(0, size, None)], limit, None), 0
+    tmp, digest = actual[1], actual[0]
+    if digest != sha:
+        os.unlink(tmp)
+        raise _damaged(sha, size)
+    store.publish_object(tmp, sha)
+    return copied
 
-        async def part(start: int) -> None:
+
+async def _write_segments(
+    backend: object, store: SiteStore, key: str, sha: str, size: int, segments: list, limit: asyncio.Semaphore, base_fd: int | None
+) -> tuple[str, str]:
+    """Write ``segments`` of the object into a new temp file; return (sha256 hex, temp path)."""
+    tmp = store.temp_file(sha)
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)  # read too: the hash may read pieces back
+    hasher = _OrderedHash(fd)
+    try:
+        pieces = []
+        for seg in segments:
+            step = RANGE_SIZE
+            for start in range(seg.start, seg.start + seg.length, step):
+                end = min(seg.start + seg.length, start + step)
+                pieces.append((start, end, None if seg.base_offset is None else seg.base_offset + (start - seg.start)))
+
+        async def piece(start: int, end: int, base_offset: int | None) -> None:
             async with limit:
-                data = await backend.aget_range(key, start, min(size, start + RANGE_SIZE))  # type: ignore[attr-defined]
-            if len(data) != min(RANGE_SIZE, size - start):
-                raise _damaged(sha, start + len(data))
-            await asyncio.to_thread(os.pwrite, fd, data, start)
+                if base_offset is None:
+                    data = await backend.aget_range(key, start, end)  # type: ignore[attr-defined]
+                else:
+                    data = await asyncio.to_thread(os.pread, base_fd, end - start, base_offset)  # type: ignore[arg-type]
+                if len(data) != end - start:
+                    if base_offset is None:
+                        raise _damaged(sha, start + len(data))
+                    data = b""  # base shorter than its chunk map says: the hash will not match
+                await asyncio.to_thread(os.pwrite, fd, data, start)
+            hasher.add(start, end, data)
+            del data  # waiting below must not pin the buffer: memory stays bounded by ``limit``
+            await hasher.drain()
 
-        await asyncio.gather(*(part(start) for start in range(0, size, RANGE_SIZE)))
+        await asyncio.gather(*(piece(*p) for p in pieces))
+        if hasher.next != size:
+            raise _damaged(sha, hasher.next)
         os.fchmod(fd, 0o444)
     except BaseException:
         os.close(fd)
         os.unlink(tmp)
         raise
     os.close(fd)
-    actual = await asyncio.to_thread(sha256_file, tmp)
-    if actual != sha:
-        os.unlink(tmp)
-        raise _damaged(sha, size)
-    store.publish_object(tmp, sha)
+    return hasher.digest.hexdigest(), tmp
+
+
+class _OrderedHash:
+    """SHA-256 of a file written out of order, computed in order as its pieces land.
+
+    A piece that completes the next stretch is hashed from memory; later pieces that were
+    already written are read back from the file (the page cache), so memory stays bounded
+    whatever order the ranges arrive in.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.digest = hashlib.sha256()
+        self.next = 0
+        self.ready: dict[int, tuple[int, object]] = {}
+        self.lock = asyncio.Lock()
+
+    def add(self, start: int, end: int, data: object) -> None:
+        """Note that bytes [start, end) are in the file; keep them in memory only if due soon."""
+        self.ready[start] = (end, data if start <= self.next + RANGE_SIZE else None)
+
+    async def drain(self) -> None:
+        """Hash every stretch that is now contiguous with what was hashed."""
+        async with self.lock:  # one hashing step at a time, in file order
+            while self.next in self.ready:
+                stop, buf = self.ready.pop(self.next)
+                if buf is None or len(buf) != stop - self.next:  # type: ignore[arg-type]
+                    buf = await asyncio.to_thread(os.pread, self.fd, stop - self.next, self.next)
+                await asyncio.to_thread(self.digest.update, buf)  # type: ignore[arg-type]
+                self.next = stop
+
+
+def _delta_bases(hub: Hub, store: SiteStore, commit: Commit, wanted: dict[str, tuple[str, int]]) -> dict[str, tuple[str, list]]:
+    """For large objects to fetch, an older version at the site to copy shared chunks from.
+
+    ``wanted`` maps a path of the new commit to its (missing, large) object and size. The candidates
+    are the commits of the same dataset already cached at this site, ancestors first (then
+    the most recently cached); the first that has the path with other content, in the object
+    store, provides the base. Both chunk maps come from the lake; an object without one (an
+    older push) is simply fetched whole. Returns target sha -> (base object path, segments).
+    """
+    from . import chunks
+
+    cached = {c.commit: c for c in store.cached() if c.dataset == commit.dataset}
+    if not cached:
+        return {}
+    order: list[str] = []
+    seen: set[str] = set()
+    frontier = list(commit.parents)
+    while frontier and len(seen) < 64:  # ancestors, nearest first
+        cid = frontier.pop(0)
+        if cid in seen:
+            continue
+        seen.add(cid)
+        if cid in cached:
+            order.append(cid)
+        parent = hub.catalog.commit(cid)
+        if parent is not None:
+            frontier.extend(parent.parents)
+    order += sorted((c for c in cached if c not in order), key=lambda c: cached[c].cached_at, reverse=True)
+    found: dict[str, tuple[int, str, int]] = {}  # target sha -> (target size, base sha, base size)
+    remaining = dict(wanted)
+    for cid in order[:4]:
+        if not remaining:
+            break
+        for entry in read_manifest(store.manifest_path(cached[cid].manifest), validate=False):
+            target = remaining.get(entry.path)
+            if target is not None and entry.sha256 != target[0] and entry.size > chunks.MIN_SIZE:
+                if os.path.exists(store.object_file(entry.sha256)):
+                    found.setdefault(target[0], (target[1], entry.sha256, entry.size))
+                    del remaining[entry.path]
+    out: dict[str, tuple[str, list]] = {}
+    backend = hub.lake.backend
+    for target, (size, base, base_size) in found.items():
+        try:
+            target_map = chunks.decode(backend.read(chunks.chunk_map_key(target))[0], size=size)
+            base_map = chunks.decode(backend.read(chunks.chunk_map_key(base))[0], size=base_size)
+        except (FileNotFoundError, FormatError):
+            continue  # pushed without chunk maps (or with a damaged one): fetch whole
+        segments = chunks.plan_segments(target_map, base_map)
+        if chunks.copied_bytes(segments):
+            out[target] = (store.object_file(base), segments)
+    return out
 
 
 def _build_and_publish(

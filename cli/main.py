@@ -293,6 +293,12 @@ def cache(
             f"reused {r.reused_files} files ({_size(r.reused_bytes)}) in {r.seconds:.1f}s ({_size(rate)}/s)",
             err=True,
         )
+        if r.chunk_copied_bytes:
+            typer.echo(
+                f"  of the fetched bytes, {_size(r.chunk_copied_bytes)} were unchanged chunks copied from older versions "
+                f"at the site; {_size(r.fetched_bytes - r.chunk_copied_bytes)} crossed the network",
+                err=True,
+            )
     typer.echo(r.path)
 
 
