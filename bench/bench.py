@@ -523,6 +523,115 @@ def total_bytes(files: dict[str, FileInfo]) -> int:
     return sum(f.size for f in files.values())
 
 
+# -- the big file changed a little --------------------------------------------------------------
+BIG_NAME = "shard.bin"
+BIG_BLOCK = 16 * MiB  # generated in blocks: random.Random.randbytes overflows above ~256 MiB
+BIG_REGIONS = 4  # rewritten places
+BIG_REGION_FRACTION = 0.0025  # each rewrites 0.25% of the file: 1% in all
+# cachehub's chunks average 1 MiB, so a rewritten region also moves the rest of the chunks it
+# touches: up to about a chunk on each side. Below ~200 MiB this dominates the 1%.
+BIG_CHUNK_SLACK = 2 * MiB
+BIG_NETWORK_TARGET = 0.02  # target: network bytes <= 2% of the file
+BIG_NETWORK_FAIL = 0.10  # a check failure (chunking did not work) above 10% (+ the slack above)
+
+
+@dataclass
+class BigDelta:
+    """One big file (v1) and v2 = v1 with ``regions`` (offset, length) rewritten with new bytes."""
+
+    root: Path
+    v1: FileInfo
+    v2: FileInfo
+    regions: list[tuple[int, int]]
+
+    @property
+    def v1_dir(self) -> Path:
+        return self.root / "bigdelta-v1"
+
+    @property
+    def v2_dir(self) -> Path:
+        return self.root / "bigdelta-v2"
+
+    @property
+    def size(self) -> int:
+        return self.v1.size
+
+    @property
+    def changed_bytes(self) -> int:
+        return sum(length for _, length in self.regions)
+
+    def tree(self, version: int) -> dict[str, FileInfo]:
+        return {BIG_NAME: self.v1 if version == 1 else self.v2}
+
+
+class _Hasher:
+    """SHA-256 and MD5 of a stream of blocks, written to ``path`` as they come."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.fh = open(path, "wb")  # noqa: SIM115
+        self.sha = hashlib.sha256()
+        self.md5 = hashlib.md5()
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self.fh.write(data)
+        self.sha.update(data)
+        self.md5.update(data)
+        self.size += len(data)
+
+    def close(self) -> FileInfo:
+        self.fh.close()
+        return FileInfo(self.size, self.sha.hexdigest(), self.md5.hexdigest())
+
+
+def big_size(scale: float) -> int:
+    """round(2048 × scale) MiB, at least 17 MiB (above cachehub's 16 MiB chunk-map threshold)."""
+    return max(17, round(2048 * scale)) * MiB
+
+
+def build_bigdelta(scale: float, seed: int, *, regen: bool = False) -> BigDelta:
+    """Generate (or reuse) the big file pair under its own directory; every byte follows from ``seed``.
+
+    v1 is random bytes; v2 is v1 with 1% of its bytes rewritten in ``BIG_REGIONS`` separate places,
+    one at a seeded offset in each quarter of the file (so they never touch).
+    """
+    size = big_size(scale)
+    root = WORK / "data" / f"bigdelta-{size // MiB}MiB-seed{seed}"
+    meta_path = root / "meta.json"
+    if meta_path.exists() and not regen:
+        meta = json.loads(meta_path.read_text())
+        return BigDelta(root, FileInfo(**meta["v1"]), FileInfo(**meta["v2"]), [(o, n) for o, n in meta["regions"]])
+    if root.exists():
+        shutil.rmtree(root)
+    log(f"generating the big file pair ({_fmt_mib(size)}, seed {seed}) under {root}")
+    t0 = time.monotonic()
+    rng = random.Random(seed + 5)
+    length = round(size * BIG_REGION_FRACTION)
+    quarter = size // BIG_REGIONS
+    regions = [(i * quarter + rng.randrange(quarter - length), length) for i in range(BIG_REGIONS)]
+    new_bytes = [rng.randbytes(length) for _ in regions]
+    v1, v2 = _Hasher(root / "bigdelta-v1" / BIG_NAME), _Hasher(root / "bigdelta-v2" / BIG_NAME)
+    gen = random.Random(seed + 4)
+    for start in range(0, size, BIG_BLOCK):
+        block = gen.randbytes(min(BIG_BLOCK, size - start))
+        v1.write(block)
+        end = start + len(block)
+        changed = [(off, data) for (off, n), data in zip(regions, new_bytes, strict=True) if off < end and off + n > start]
+        if changed:
+            buf = bytearray(block)
+            for off, data in changed:
+                lo, hi = max(off, start), min(off + len(data), end)
+                buf[lo - start : hi - start] = data[lo - off : hi - off]
+            block = bytes(buf)
+        v2.write(block)
+    result = BigDelta(root, v1.close(), v2.close(), regions)
+    meta = {"size": size, "seed": seed, "regions": regions, "v1": asdict(result.v1), "v2": asdict(result.v2)}
+    meta_path.write_text(json.dumps(meta))
+    log(f"  generated in {time.monotonic() - t0:.1f}s")
+    return result
+
+
 # ================================================================================================
 # fresh filesystems
 # ================================================================================================
@@ -751,6 +860,7 @@ class Bench:
         self.notes: list[str] = []
         self.server: SeaweedServer | None = None
         self.data: Data | None = None
+        self.big: BigDelta | None = None
         self.scenarios: dict[str, Scenario] = {}
         self.t_mid: float | None = None
         self.stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -903,7 +1013,8 @@ class Bench:
         args = self.args
         cleanup_stale_mounts()
         self.data = build_data(args.scale, args.seed, regen=args.regen)
-        d = self.data
+        self.big = build_bigdelta(args.scale, args.seed, regen=args.regen)
+        d, bd = self.data, self.big
         n, n2 = len(d.small), len(d.small_v2)
         self.scenarios = {
             "push_small": Scenario("push_small", f"push small v1 ({n} files, cold lake)", n, total_bytes(d.small)),
@@ -915,10 +1026,16 @@ class Bench:
             "cold_large": Scenario("cold_large", f"cold large ({len(d.large)} × {_fmt_mib(next(iter(d.large.values())).size)})", len(d.large), total_bytes(d.large)),
             "delta": Scenario("delta", f"delta v1→v2 ({len(d.changed)} files to fetch, {len(d.deleted)} to drop)", len(d.changed), d.changed_bytes),
             "recache": Scenario("recache", f"re-cache complete commit ({n} files)", n, total_bytes(d.small), rates=False),
+            # what must move: the rewritten bytes (1% of the file), as the delta counts changed files
+            "bigdelta": Scenario("bigdelta", f"big file, 1% rewritten ({_fmt_mib(bd.size)})", 1, bd.changed_bytes),
         }
         big = max(total_bytes(d.small), total_bytes(d.small_v2), total_bytes(d.large))
         self.fs_size = int(2.2 * big) + 512 * MiB
         self.fs_size -= self.fs_size % (4 * KiB)
+        # the big-file scenario holds two versions at once: the site's v1 and v2 objects (its tree
+        # files are hard links to them), or rclone's v1 copy and its partial download of v2
+        self.fs_size_big = max(self.fs_size, int(2.2 * bd.size) + 512 * MiB)
+        self.fs_size_big -= self.fs_size_big % (4 * KiB)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.server = SeaweedServer(self.bins["weed"], self.run_dir / "seaweed", BUCKET)
         log(f"starting SeaweedFS on {self.server.endpoint} (data in {self.server.data_dir})")
@@ -944,21 +1061,53 @@ class Bench:
         # the two uploads stands for "downloaded v1 before v2 was published" in the s5cmd sync
         # scenario; its size+mtime rule then fetches exactly the changed objects.
         self.t_mid = self.s5_v1_then_v2("raw/small-inplace")
+        log("uploading the big file pair (s5cmd, untimed, single-part): raw/bigdelta-v1, raw/bigdelta-v2")
+        for version, directory in ((1, bd.v1_dir), (2, bd.v2_dir)):
+            self.untimed(self.s5_single_part(directory / BIG_NAME, f"raw/bigdelta-v{version}/"))
         problems = (
             check_prefix(self.server, "raw/small", d.small)
             + check_prefix(self.server, "raw/small-v2", d.small_v2)
             + check_prefix(self.server, "raw/large", d.large)
             + check_prefix(self.server, "raw/small-inplace", d.small_v2)
+            + check_prefix(self.server, "raw/bigdelta-v1", bd.tree(1))
+            + check_prefix(self.server, "raw/bigdelta-v2", bd.tree(2))
+            + self.check_md5_etag("raw/bigdelta-v2", BIG_NAME)
         )
-        log("pushing small@v1, small@v2 and large@v1 to the lake s3://BUCKET/lake with cachehub (untimed)")
+        log("pushing small@v1, small@v2, large@v1, bigfile@v1 and bigfile@v2 to the lake s3://BUCKET/lake with cachehub (untimed)")
         env = self.cachehub_env(self.run_dir / "homes" / "publisher", self.lake_url("lake"))
-        for directory, ref in ((d.small_dir, "small@v1"), (d.v2_dir, "small@v2"), (d.large_dir, "large@v1")):
+        pushes = ((d.small_dir, "small@v1"), (d.v2_dir, "small@v2"), (d.large_dir, "large@v1"), (bd.v1_dir, "bigfile@v1"), (bd.v2_dir, "bigfile@v2"))
+        for directory, ref in pushes:
             name, tag = ref.split("@")
             self.untimed(self.push_cmd(directory, name, tag), env)
-        for files in (d.small, d.small_v2, d.large):
+        for files in (d.small, d.small_v2, d.large, bd.tree(1), bd.tree(2)):
             problems += check_lake_objects(self.server, "lake", files)
         if problems:
             raise SystemExit("the set-up uploads are wrong: " + "; ".join(problems))
+        self.notes.append(
+            f"Big file, 1% rewritten: v2 of the {_fmt_mib(bd.size)} file has {len(bd.regions)} separate regions of "
+            f"{bd.regions[0][1]:,} bytes rewritten ({bd.changed_bytes / MB:.2f} MB in all); its MB/s and files/s count what "
+            "must move as those rewritten bytes and that one file (like the delta counts the changed files), although "
+            "s5cmd and rclone download the whole file and cachehub also fetches the rest of the chunks the regions touch. "
+            "cachehub caches v1 at the site untimed, then v2 timed; its network bytes are fetched_bytes − chunk_copied_bytes "
+            f"from its JSON result, and more than {self.big_network_limit() / MiB:.1f} MiB (10% of the file, or the rewritten "
+            f"bytes + {BIG_CHUNK_SLACK // MiB} MiB a region at small scales) fails the check. rclone sync --checksum starts from "
+            "a local copy of v1 and must download all of v2: raw/bigdelta-v2 was uploaded as one PUT so that its ETag is "
+            "its MD5 (for a multipart object without rclone's own MD5 metadata, --checksum compares sizes only, equal here)."
+        )
+
+    def s5_single_part(self, path: Path, dest_prefix: str) -> list[str]:
+        """s5cmd cp of one file as a single PUT (part size above the file's), so that its ETag is its MD5."""
+        part_mib = min(5 * 1024, path.stat().st_size // MiB + 1)  # S3 caps a part at 5 GiB
+        return self.s5("cp", "--part-size", str(part_mib), str(path), f"s3://{BUCKET}/{dest_prefix}")
+
+    def check_md5_etag(self, prefix: str, name: str) -> list[str]:
+        """The object's ETag must be a plain MD5: rclone sync --checksum has no other MD5 for an object
+        it did not upload itself, and without one it compares sizes only (equal for v1 and v2)."""
+        assert self.server is not None
+        etag = list_prefix(self.server, prefix).get(name, (0, ""))[1]
+        if re.fullmatch(r"[0-9a-f]{32}", etag):
+            return []
+        return [f"{prefix}/{name} has the ETag {etag!r}, not an MD5 (uploaded in parts): rclone --checksum could not see the change"]
 
     def push_cmd(self, directory: Path, dataset: str, tag: str) -> list[str]:
         return [*self.bins["cachehub"], "push", str(directory), dataset, "--tag", tag, "--json", "--jobs", str(self.args.jobs)]
@@ -1085,8 +1234,8 @@ class Bench:
         return [*self.bins["cachehub"], "cache", ref, "--site", "bench", "--jobs", str(self.args.jobs), "--json"]
 
     def download_runs(self) -> None:
-        d = self.data
-        assert d is not None
+        d, bd = self.data, self.big
+        assert d is not None and bd is not None
         scenarios: list[tuple[str, list[tuple[str, Callable[[Path, int], Sample]]]]] = [
             (
                 "cold_small",
@@ -1114,15 +1263,24 @@ class Bench:
                     ("s5cmd sync --delete", lambda m, r: self.s5_delta(m)),
                 ],
             ),
+            (
+                "bigdelta",
+                [
+                    ("cachehub cache", lambda m, r: self.cachehub_bigdelta(m)),
+                    ("s5cmd cp (full download)", lambda m, r: self.s5_cold(m, "raw/bigdelta-v2", bd.tree(2))),
+                    ("rclone sync --checksum", lambda m, r: self.rclone_bigdelta(m)),
+                ],
+            ),
         ]
         for r in range(self.args.runs):
             with FreshFS(self.args.fs, self.fs_size) as mnt:
                 self.recache_and_resolve(mnt, "small@v1", d.small, r)
             for key, tools in scenarios:
                 order = tools[r % len(tools) :] + tools[: r % len(tools)]  # rotate who goes first
+                size = self.fs_size_big if key == "bigdelta" else self.fs_size
                 for tool, fn in order:
-                    def one(fn: Callable[[Path, int], Sample] = fn) -> Sample:
-                        with FreshFS(self.args.fs, self.fs_size) as mnt:
+                    def one(fn: Callable[[Path, int], Sample] = fn, size: int = size) -> Sample:
+                        with FreshFS(self.args.fs, size) as mnt:
                             return fn(mnt, r)
 
                     self.attempt(key, tool, r, one)
@@ -1278,6 +1436,55 @@ class Bench:
         self.expect(check_tree(dest, d.small_v2), f"s5cmd sync result {dest}")
         return s
 
+    def big_network_limit(self) -> int:
+        """Network bytes above which the big-file delta counts as failed: 10% of the file, or at
+        small scales (where chunk granularity dominates) the rewritten bytes plus a slack per region."""
+        bd = self.big
+        assert bd is not None
+        return max(int(BIG_NETWORK_FAIL * bd.size), bd.changed_bytes + len(bd.regions) * BIG_CHUNK_SLACK)
+
+    def cachehub_bigdelta(self, mnt: Path) -> Sample:
+        bd = self.big
+        assert bd is not None and self.server is not None
+        _home, env = self.cachehub_site(mnt)
+        first = json.loads(self.untimed(self.cache_cmd("bigfile@v1"), env).stdout)
+        if first["fetched_files"] != 1 or first["fetched_bytes"] != bd.size:
+            raise CheckFailed(f"caching v1 fetched {first['fetched_files']} objects / {first['fetched_bytes']} bytes, expected 1 / {bd.size}")
+        proc, s = self.timed(self.cache_cmd("bigfile@v2"), env)
+        res = json.loads(proc.stdout)
+        copied = res.get("chunk_copied_bytes", 0)
+        network = res["fetched_bytes"] - copied
+        s.info = {
+            "fetched_files": res["fetched_files"],
+            "fetched_bytes": res["fetched_bytes"],
+            "chunk_copied_bytes": copied,
+            "network_bytes": network,
+            "seconds_inside": res["seconds"],
+        }
+        if res["fetched_files"] != 1 or res["fetched_bytes"] != bd.size:
+            raise CheckFailed(f"caching v2 fetched {res['fetched_files']} objects / {res['fetched_bytes']} bytes, expected 1 / {bd.size}")
+        self.expect(check_tree(Path(res["path"]), bd.tree(2)), f"cached v2 tree {res['path']}")
+        self.expect(check_tree(Path(first["path"]), bd.tree(1)), f"cached v1 tree after v2 {first['path']}")
+        limit = self.big_network_limit()
+        if network > limit:
+            maps = list_prefix(self.server, "lake/chunks/sha256")
+            have = sum(1 for k in maps if k.rsplit("/", 1)[-1] in (bd.v1.sha256, bd.v2.sha256))
+            raise CheckFailed(
+                f"the chunk-level delta did not work: {network / MiB:.2f} MiB crossed the network "
+                f"({100 * network / bd.size:.1f}% of the file, limit {limit / MiB:.2f} MiB; chunk_copied_bytes {copied}); "
+                f"{have} of the 2 chunk maps are in the lake"
+            )
+        return s
+
+    def rclone_bigdelta(self, mnt: Path) -> Sample:
+        bd = self.big
+        assert bd is not None
+        dest = mnt / "dst"
+        _sh(["cp", "-r", str(bd.v1_dir), str(dest)])  # v1 already here, untimed
+        _, s = self.timed(self.rclone("sync", "--checksum", "--transfers", "32", f"bench:{BUCKET}/raw/bigdelta-v2", str(dest)))
+        self.expect(check_tree(dest, bd.tree(2)), f"rclone sync result {dest}")
+        return s
+
     # -- report --------------------------------------------------------------------------------
     def rows(self) -> list[dict[str, Any]]:
         out = []
@@ -1363,6 +1570,20 @@ class Bench:
         if ch and rc:
             v = ch["median"] / rc["median"]
             out.append(("delta: ≤ 0.2× the time of rclone sync --checksum", f"{v:.2f}×", "met" if v <= 0.2 else "MISSED"))
+        bd, big = find("bigdelta", "cachehub"), self.big
+        if bd and big:
+            info = bd["info"]
+            net, copied = info.get("network_bytes", big.size), info.get("chunk_copied_bytes", 0)
+            out.append(
+                (
+                    f"big file 1% rewritten: network bytes ≤ {BIG_NETWORK_TARGET:.0%} of the file ({_fmt_mib(big.size)})",
+                    (
+                        f"{net / MiB:.2f} MiB ({net / big.size:.2%}; rewritten {big.changed_bytes / MiB:.2f} MiB), "
+                        f"{copied / MiB:.2f} MiB copied from v1 at the site, {bd['requests'].get('GET', 0)} GETs"
+                    ),
+                    "met" if net <= BIG_NETWORK_TARGET * big.size else "MISSED",
+                )
+            )
         rec = find("recache", "cachehub Hub.cache")
         if rec:
             out.append(
@@ -1388,10 +1609,13 @@ class Bench:
         return out
 
     def fs_description(self) -> str:
+        size = f"{self.fs_size / 2**30:.1f} GiB"
+        if self.fs_size_big != self.fs_size:
+            size += f", {self.fs_size_big / 2**30:.1f} GiB for the big file"
         if self.args.fs == "tmpfs":
-            return f"a fresh tmpfs ({self.fs_size / 2**30:.1f} GiB) mounted for every measurement under bench/.work/mnt"
+            return f"a fresh tmpfs ({size}) mounted for every measurement under bench/.work/mnt"
         return (
-            f"a fresh ext4 (mkfs.ext4 defaults, journal on) on a {self.fs_size / 2**30:.1f} GiB sparse loop image, "
+            f"a fresh ext4 (mkfs.ext4 defaults, journal on) on a sparse loop image ({size}), "
             "made and mounted for every measurement under bench/.work/mnt"
         )
 
@@ -1416,6 +1640,12 @@ class Bench:
             f"{_fmt_mib(next(iter(d.large.values())).size)}; v2 = {d.rewritten_same} rewritten same size, "
             f"{d.rewritten_diff} rewritten new size, {d.added} added, {len(d.deleted)} deleted "
             f"({len(d.changed)} objects, {d.changed_bytes / MB:.2f} MB must move)"
+            + (
+                f"; big file = 1 × {_fmt_mib(self.big.size)}, v2 with {len(self.big.regions)} × {self.big.regions[0][1]:,} bytes "
+                f"rewritten ({self.big.changed_bytes / MB:.2f} MB, 1%)"
+                if self.big
+                else ""
+            )
         )
         lines.append(
             f"- **runs**: {self.args.runs} per scenario (tool order rotated between runs); S3 server: SeaweedFS `weed mini` on 127.0.0.1 (same machine)"
@@ -1425,7 +1655,7 @@ class Bench:
         lines.append("")
         lines.append(
             "Wall seconds: median and min–max over the runs. files/s and MB/s: what the scenario must move "
-            "(the changed files for delta scenarios) divided by the median. Client CPU: user+system seconds of the "
+            "(the changed files for delta scenarios; the rewritten bytes, 1% of the file, for the big file) divided by the median. Client CPU: user+system seconds of the "
             "client process (`getrusage(RUSAGE_CHILDREN)` for commands, `time.process_time()` in-process). Server CPU: "
             "the SeaweedFS process over the same interval. × s5cmd / × rclone: median wall time divided by that "
             "tool's median in the same scenario of this run (< 1 is faster). Requests: S3 requests the server counted "
@@ -1487,7 +1717,7 @@ class Bench:
                 f"All {total} measured results were checked and correct: every downloaded tree hashed file by file "
                 "(SHA-256) against the source, no missing or extra files; every upload listed and compared "
                 "(names, sizes, MD5 ETags where single-part); cachehub's fetched/uploaded object counts and bytes "
-                "equal the expected ones."
+                "equal the expected ones, and its big-file delta moved less than the limit over the network."
             )
         for n in self.notes:
             lines.append(f"- {n}")
