@@ -76,5 +76,16 @@ class Backend(abc.ABC):
     async def aput(self, key: str, data: bytes, *, sha256: str) -> None:
         """Store ``data`` at ``key``; the store verifies ``sha256`` (hex) or rejects the write."""
 
+    async def aput_if_absent(self, key: str, data: Buffer, *, sha256: str) -> bool:
+        """``aput`` unless ``key`` exists; True if this call stored it.
+
+        The default is a HEAD then a PUT; backends with a create-only write override it with
+        one request (content-addressed keys make a lost race harmless either way).
+        """
+        if await self.aexists(key):
+            return False
+        await self.aput(key, data, sha256=sha256)
+        return True
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections (optional)."""

@@ -114,7 +114,10 @@ class LocalBackend(Backend):
     async def aput(self, key: str, data: bytes, *, sha256: str) -> None:
         await asyncio.to_thread(self._put_verified, key, data, sha256)
 
-    def _put_verified(self, key: str, data: bytes, sha256: str) -> None:
+    async def aput_if_absent(self, key: str, data: bytes, *, sha256: str) -> bool:
+        return await asyncio.to_thread(self._put_verified, key, data, sha256)
+
+    def _put_verified(self, key: str, data: bytes, sha256: str) -> bool:
         if hashlib.sha256(data).hexdigest() != sha256:
             raise IntegrityError(f"refusing to store {key}: bytes do not match sha256 {sha256}", key=key)
         path = self._path(key)
@@ -122,11 +125,12 @@ class LocalBackend(Backend):
         try:
             atomic_write(path, data, mode=0o444, exclusive=True)
         except FileExistsError:
-            pass  # content-addressed: whoever wrote it first wrote the same bytes
+            return False  # content-addressed: whoever wrote it first wrote the same bytes
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise LakeError(f"the lake directory {self.root} is full; free space and re-run") from exc
             raise
+        return True
 
 
 class _KeyLock:

@@ -183,6 +183,18 @@ class S3Backend(Backend):
         except Exception as exc:
             raise _translate(exc, key, self._where) from exc
 
+    async def aput_if_absent(self, key: str, data: Buffer, *, sha256: str) -> bool:
+        # One create-only PUT (If-None-Match: *) instead of a HEAD and a PUT: half the requests
+        # for new content, and the server spends its CPU on one request, not two. If the object
+        # exists, the body was sent for nothing, so push uses this only for small files.
+        try:
+            await obstore.put_async(self._store, key, data, mode="create", use_multipart=False)
+            return True
+        except (AlreadyExistsError, PreconditionError):
+            return False
+        except Exception as exc:
+            raise _translate(exc, key, self._where) from exc
+
     @property
     def _where(self) -> str:
         return self.endpoint or "AWS S3"

@@ -2,7 +2,8 @@
 
 Kept in the catalog (local disk). A file is re-hashed when any of the four changed; ctime
 cannot be set by tools that preserve mtime (rsync -t, cp -p), so a rewrite is never missed
-that way. Rows are written in one batch at the end of a push, never one transaction per file.
+that way. Rows are written in batches of BATCH (and the rest at the end of a push), never one
+transaction per file, and never all held in memory: a 600,000-file push stays flat.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from .scan import FoundFile
 
 if TYPE_CHECKING:
     from .catalog import Catalog
+
+
+BATCH = 20_000
 
 
 class HashCache:
@@ -37,6 +41,8 @@ class HashCache:
     def remember(self, f: FoundFile, sha256: str, rehashed: bool) -> None:
         if rehashed:
             self.fresh.append((f.abspath, f.ino, f.size, f.mtime_ns, f.ctime_ns, sha256))
+            if len(self.fresh) >= BATCH:
+                self.save()
 
     def save(self) -> None:
         if not self.fresh:

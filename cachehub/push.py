@@ -4,7 +4,8 @@ Order of events, each step safe to kill:
 
 1. hash every file (threads) and write the manifest to a local temp file, streaming;
 2. upload every content object the lake lacks (content-addressed, so an upload that already
-   arrived before a crash is found by HEAD and not sent again); objects above
+   arrived before a crash is not stored twice: small files go as one create-only PUT, big ones
+   are asked about with a HEAD first); objects above
    ``chunks.CHUNKED_MIN`` also get a chunk map (``chunks.py``), written after the object;
 3. upload the manifest;
 4. write the commit document (create-only) -- only now does the commit exist;
@@ -207,11 +208,12 @@ def _upload(hub: Hub, todo_path: os.PathLike[str], candidates: int, progress: Pr
         with open(todo_path, encoding="utf-8") as fh:
             for line in fh:
                 sha, size, mtime, path = line.rstrip("\n").split("\t", 3)
-                key = bytes.fromhex(sha)
-                if key in seen:
-                    progress.advance(1, 0)
-                    continue
-                seen.add(key)
+                if int(size) > SMALL_FILE:  # small duplicates are caught by the create-only PUT,
+                    key = bytes.fromhex(sha)  # so memory does not grow with the file count
+                    if key in seen:
+                        progress.advance(1, 0)
+                        continue
+                    seen.add(key)
                 yield sha, int(size), int(mtime), path
 
     big: list[asyncio.Semaphore] = []  # made inside the event loop, on first use
@@ -219,11 +221,15 @@ def _upload(hub: Hub, todo_path: os.PathLike[str], candidates: int, progress: Pr
     async def one(item: tuple[str, int, int, str]) -> None:
         sha, size, mtime, path = item
         key = object_key(sha)
-        if await backend.aexists(key):
+        if size <= SMALL_FILE:
+            # candidates are mostly new (unchanged paths were dropped against the parent):
+            # one create-only PUT, not a HEAD and then a PUT
+            if not await backend.aput_if_absent(key, _read_checked(path, sha, size, mtime), sha256=sha):
+                progress.advance(1, 0)
+                return
+        elif await backend.aexists(key):  # big: ask first rather than send the bytes in vain
             progress.advance(1, 0)
             return
-        if size <= SMALL_FILE:
-            await backend.aput(key, _read_checked(path, sha, size, mtime), sha256=sha)
         else:
             if not big:
                 big.append(asyncio.Semaphore(BIG_FILES_IN_FLIGHT))

@@ -51,6 +51,17 @@ def test_identical_push_creates_nothing_and_says_so(hub: Hub, tmp_path: Path) ->
     assert len(hub.log("ds")) == 1
 
 
+def test_content_already_in_the_lake_is_not_stored_again(hub: Hub, tmp_path: Path) -> None:
+    """Another dataset with the same bytes: every create-only PUT finds the object there."""
+    src = random_tree(tmp_path / "src", 25)
+    first = hub.push(src, "one")
+    objects = lake_keys(hub, "objects")
+    other = hub.push(src, "two")
+    assert other.created and other.commit != first.commit
+    assert other.uploaded_files == 0 and other.uploaded_bytes == 0 and other.present_files == 25
+    assert lake_keys(hub, "objects") == objects
+
+
 def test_second_version_uploads_only_the_delta_and_records_parent(hub: Hub, tmp_path: Path) -> None:
     src = random_tree(tmp_path / "src", 40)
     v1 = hub.push(src, "ds", tag="v1")
