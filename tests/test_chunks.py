@@ -52,16 +52,24 @@ def _edit(data: bytearray) -> bytes:
     return bytes(data)
 
 
-def test_big_file_changed_a_little_moves_only_changed_chunks(hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    src = tmp_path / "src"
-    v1 = _big(1, 24 * MiB)
-    write_tree(src, {"shard.bin": bytes(v1), "small.txt": "labels"})
+def _cached_v1(hub: Hub, src: Path, v1: bytearray, **more: str) -> None:
+    write_tree(src, {"shard.bin": bytes(v1), **more})
     hub.push(src, "ds", tag="v1")
     hub.cache("ds@v1")
 
+
+def _pushed_v2(hub: Hub, src: Path, v1: bytearray) -> bytes:
     v2 = _edit(bytearray(v1))
     (src / "shard.bin").write_bytes(v2)
     hub.push(src, "ds", tag="v2")
+    return v2
+
+
+def test_big_file_changed_a_little_moves_only_changed_chunks(hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "src"
+    v1 = _big(1, 24 * MiB)
+    _cached_v1(hub, src, v1, **{"small.txt": "labels"})
+    v2 = _pushed_v2(hub, src, v1)
     asked = _count_lake_ranges(hub, monkeypatch)
     r = hub.cache("ds@v2")
 
@@ -80,18 +88,14 @@ def test_big_file_changed_a_little_moves_only_changed_chunks(hub: Hub, tmp_path:
 def test_damaged_base_at_the_site_falls_back_to_a_whole_fetch(hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = tmp_path / "src"
     v1 = _big(2, 24 * MiB)
-    write_tree(src, {"shard.bin": bytes(v1)})
-    hub.push(src, "ds", tag="v1")
-    hub.cache("ds@v1")
+    _cached_v1(hub, src, v1)
     # bit rot in the site's copy of v1, inside chunks v2 shares with it
     obj = SiteStore(hub.settings.site()).object_path(hashlib.sha256(bytes(v1)).hexdigest())
     os.chmod(obj, 0o644)
     with open(obj, "r+b") as fh:
         fh.seek(3 * MiB)
         fh.write(b"\0" * 100)
-    v2 = _edit(bytearray(v1))
-    (src / "shard.bin").write_bytes(v2)
-    hub.push(src, "ds", tag="v2")
+    v2 = _pushed_v2(hub, src, v1)
     asked = _count_lake_ranges(hub, monkeypatch)
     r = hub.cache("ds@v2")
     assert tree_digest(Path(r.path)) == tree_digest(src)
@@ -103,9 +107,7 @@ def test_object_without_chunk_map_is_fetched_whole(hub: Hub, tmp_path: Path) -> 
     """A lake written before chunk maps existed (or a push that died before writing one)."""
     src = tmp_path / "src"
     v1 = _big(3, 20 * MiB)
-    write_tree(src, {"shard.bin": bytes(v1)})
-    hub.push(src, "ds", tag="v1")
-    hub.cache("ds@v1")
+    _cached_v1(hub, src, v1)
     v2 = bytearray(v1)
     v2[5 * MiB : 5 * MiB + 10] = b"0123456789"
     (src / "shard.bin").write_bytes(bytes(v2))
