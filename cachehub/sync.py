@@ -350,9 +350,9 @@ async def _assemble(
     """Write ``segments`` of an object into a new temp file, in file order; return (sha256 hex, path).
 
     One writer walks the pieces (at most RANGE_SIZE bytes each) in order, writing and hashing
-    each as it goes, so nothing is ever read back; ranged GETs of the lake's pieces run up to
-    READ_AHEAD pieces ahead of it (and RANGES_IN_FLIGHT over all objects), copies from the base
-    file are read when their turn comes.
+    each as it goes, so nothing is ever read back; the pieces are fetched up to READ_AHEAD
+    ahead of it (ranged GETs of the lake, RANGES_IN_FLIGHT over all objects, or reads of the
+    base file).
     """
     pieces = []
     for seg in segments:
@@ -367,24 +367,25 @@ async def _assemble(
             raise _damaged(sha, start + len(data))
         return data
 
+    async def copy(length: int, base_offset: int) -> object:
+        data = await asyncio.to_thread(os.pread, base_fd, length, base_offset)  # type: ignore[arg-type]
+        return data if len(data) == length else bytes(length)  # base shorter than its map: will not verify
+
     tmp = store.temp_file(sha)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     digest = hashlib.sha256()
     ahead: dict[int, asyncio.Future] = {}
     nxt = 0  # the next piece to start downloading
     try:
-        for i, (start, end, base_offset) in enumerate(pieces):
+        for i, (start, _end, _base) in enumerate(pieces):
             while nxt < len(pieces) and nxt <= i + READ_AHEAD:
-                if pieces[nxt][2] is None:
-                    ahead[nxt] = asyncio.ensure_future(download(pieces[nxt][0], pieces[nxt][1]))
+                p_start, p_end, p_base = pieces[nxt]
+                ahead[nxt] = asyncio.ensure_future(download(p_start, p_end) if p_base is None else copy(p_end - p_start, p_base))
                 nxt += 1
-            if base_offset is None:
-                data = await ahead.pop(i)
-            else:
-                data = await asyncio.to_thread(os.pread, base_fd, end - start, base_offset)  # type: ignore[arg-type]
-                if len(data) != end - start:
-                    data = bytes(end - start)  # base shorter than its map says: the hash will not match
-            await asyncio.to_thread(_write_and_hash, fd, data, start, digest)
+            data = await ahead.pop(i)
+            # the write and the hash of a piece run at once on two threads (both release the
+            # GIL); the hash stays in file order because the next piece waits for both
+            await asyncio.gather(asyncio.to_thread(_write_at, fd, data, start), asyncio.to_thread(digest.update, data))
             del data
         os.fchmod(fd, 0o444)
     except BaseException:
@@ -398,13 +399,11 @@ async def _assemble(
     return digest.hexdigest(), tmp
 
 
-def _write_and_hash(fd: int, data: object, offset: int, digest: object) -> None:
-    """One thread hop per piece: the write and the hash both release the GIL."""
+def _write_at(fd: int, data: object, offset: int) -> None:
     view = memoryview(data)  # type: ignore[arg-type]
     while view:
         written = os.pwrite(fd, view, offset)
         view, offset = view[written:], offset + written
-    digest.update(data)  # type: ignore[attr-defined]
 
 
 def _delta_bases(hub: Hub, store: SiteStore, commit: Commit, wanted: dict[str, tuple[str, int]]) -> dict[str, tuple[str, list]]:
