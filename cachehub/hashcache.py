@@ -8,6 +8,7 @@ transaction per file, and never all held in memory: a 600,000-file push stays fl
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from .scan import FoundFile
@@ -26,17 +27,34 @@ class HashCache:
         self.fresh: list[tuple] = []
         self.hits = 0
         self.misses = 0
+        self._rows: Iterator[tuple] | None = None
+        self._row: tuple | None = None
+        self._last: str | None = None
 
     def lookup(self, f: FoundFile) -> str | None:
-        row = self.conn.execute(
-            "SELECT sha256 FROM hash_cache WHERE path = ? AND ino = ? AND size = ? AND mtime_ns = ? AND ctime_ns = ?",
-            (f.abspath, f.ino, f.size, f.mtime_ns, f.ctime_ns),
-        ).fetchone()
-        if row:
+        row = self._row_for(f.abspath)
+        if row is not None and row[1:5] == (f.ino, f.size, f.mtime_ns, f.ctime_ns):
             self.hits += 1
-            return row[0]
+            return row[5]
         self.misses += 1
         return None
+
+    def _row_for(self, path: str) -> tuple | None:
+        """The row for ``path``, from one cursor walked in step with the caller.
+
+        Push asks in walk order, which is path order (bytewise, as SQLite compares TEXT), so
+        one range query merged with the walk replaces a query per file. A caller going
+        backwards, or a flush of new rows, starts a fresh cursor at the path asked for.
+        """
+        if self._rows is None or (self._last is not None and path < self._last):
+            self._rows = self.conn.execute(
+                "SELECT path, ino, size, mtime_ns, ctime_ns, sha256 FROM hash_cache WHERE path >= ? ORDER BY path", (path,)
+            )
+            self._row = next(self._rows, None)
+        self._last = path
+        while self._row is not None and self._row[0] < path:
+            self._row = next(self._rows, None)
+        return self._row if self._row is not None and self._row[0] == path else None
 
     def remember(self, f: FoundFile, sha256: str, rehashed: bool) -> None:
         if rehashed:
@@ -47,6 +65,7 @@ class HashCache:
     def save(self) -> None:
         if not self.fresh:
             return
+        self._rows = self._row = None  # never read on through a table being written
         with self.catalog.transaction():
             self.conn.executemany("INSERT OR REPLACE INTO hash_cache VALUES (?,?,?,?,?,?)", self.fresh)
         self.fresh.clear()

@@ -172,7 +172,7 @@ def _hash_and_list(
     """
     parent_entries: Iterator[ManifestEntry] = iter(())
     if parent is not None:
-        parent_entries = read_manifest(hub.manifest_path(parent.manifest))
+        parent_entries = read_manifest(hub.manifest_path(parent.manifest), validate=False)  # validated on arrival
     prev = next(parent_entries, None)
     writer = ManifestWriter(manifest_path)
     candidates = 0

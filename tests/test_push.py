@@ -219,3 +219,17 @@ def test_catalog_rebuild_from_the_lake_alone(hub: Hub, tmp_path: Path, settings)
         after = ([c.id for c in fresh.log("ds")], [(d.name, d.commits, d.tags) for d in fresh.datasets()])
         assert after == before
         assert fresh.resolve_commit("ds@v1").files == 10
+
+
+def test_hash_cache_survives_flushes_in_the_middle_of_a_walk(hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows are flushed every BATCH files while the walk reads the cache through one cursor."""
+    from cachehub import hashcache
+
+    monkeypatch.setattr(hashcache, "BATCH", 3)
+    src = random_tree(tmp_path / "src", 20)
+    assert hub.push(src, "ds").hashed_files == 20
+    again = hub.push(src, "ds")
+    assert again.hashed_files == 0 and not again.created
+    (src / "class1/img0007.bin").write_bytes(b"changed")
+    third = hub.push(src, "ds")
+    assert third.hashed_files == 1 and third.uploaded_files == 1
