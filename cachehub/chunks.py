@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -81,7 +82,7 @@ def decode(blob: bytes, *, size: int | None = None) -> ChunkMap:
     """Parse a chunk map; FormatError if it is not one this version reads, or does not add up."""
     try:
         text = gzip.decompress(blob).decode("ascii")
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:
         raise FormatError(f"not a chunk map: {exc}") from None
     lines = text.split("\n")
     head = lines[0].split("\t")

@@ -63,9 +63,12 @@ class HashCache:
                 self.save()
 
     def save(self) -> None:
+        """Write the new rows; also ends the read cursor, so no read transaction stays open."""
+        if self._rows is not None:
+            self._rows.close()  # type: ignore[attr-defined]
+        self._rows = self._row = None  # never read on through a table being written
         if not self.fresh:
             return
-        self._rows = self._row = None  # never read on through a table being written
         with self.catalog.transaction():
             self.conn.executemany("INSERT OR REPLACE INTO hash_cache VALUES (?,?,?,?,?,?)", self.fresh)
         self.fresh.clear()

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import FormatError, IntegrityError, NoSpaceError, NotCachedError
+from .errors import IntegrityError, NoSpaceError, NotCachedError
 from .fsutil import atomic_write, sha256_file, unique_suffix
 from .lake import now_iso, object_key
 from .manifest import read_manifest
@@ -61,7 +61,7 @@ def plan(store: SiteStore, manifest: Path, missing_list: Path) -> Plan:
     """
     missing: set[bytes] = set()
     files = nbytes = fetched_files = fetched_bytes = missing_bytes = 0
-    with open(missing_list, "w", encoding="ascii") as out:
+    with open(missing_list, "w", encoding="utf-8") as out:  # large objects carry their path
         for entry in read_manifest(manifest):
             files += 1
             nbytes += entry.size
@@ -368,8 +368,11 @@ async def _assemble(
         return data
 
     async def copy(length: int, base_offset: int) -> object:
-        data = await asyncio.to_thread(os.pread, base_fd, length, base_offset)  # type: ignore[arg-type]
-        return data if len(data) == length else bytes(length)  # base shorter than its map: will not verify
+        try:
+            data = await asyncio.to_thread(os.pread, base_fd, length, base_offset)  # type: ignore[arg-type]
+        except OSError:  # a damaged disk under the older version: the object then will not verify
+            return bytes(length)  # and is fetched again whole
+        return data if len(data) == length else bytes(length)  # base shorter than its map: same
 
     tmp = store.temp_file(sha)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -385,7 +388,12 @@ async def _assemble(
             data = await ahead.pop(i)
             # the write and the hash of a piece run at once on two threads (both release the
             # GIL); the hash stays in file order because the next piece waits for both
-            await asyncio.gather(asyncio.to_thread(_write_at, fd, data, start), asyncio.to_thread(digest.update, data))
+            work = asyncio.gather(asyncio.to_thread(_write_at, fd, data, start), asyncio.to_thread(digest.update, data))
+            try:
+                await asyncio.shield(work)
+            except asyncio.CancelledError:
+                await asyncio.wait([work])  # the threads use fd: let them finish before it is closed
+                raise
             del data
         os.fchmod(fd, 0o444)
     except BaseException:
@@ -451,8 +459,8 @@ def _delta_bases(hub: Hub, store: SiteStore, commit: Commit, wanted: dict[str, t
         try:
             target_map = chunks.decode(backend.read(chunks.chunk_map_key(target))[0], size=size)
             base_map = chunks.decode(backend.read(chunks.chunk_map_key(base))[0], size=base_size)
-        except (FileNotFoundError, FormatError):
-            continue  # pushed without chunk maps (or with a damaged one): fetch whole
+        except Exception:  # noqa: BLE001 - maps are optional: missing, damaged or unreadable, fetch whole
+            continue
         segments = chunks.plan_segments(target_map, base_map)
         if chunks.copied_bytes(segments):
             out[target] = (store.object_file(base), segments)

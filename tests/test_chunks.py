@@ -120,6 +120,40 @@ def test_object_without_chunk_map_is_fetched_whole(hub: Hub, tmp_path: Path) -> 
     assert r.chunk_copied_bytes == 0 and r.fetched_bytes == len(v2)
 
 
+@pytest.mark.parametrize("damage", ["deflate", "header"])
+def test_damaged_chunk_map_means_a_whole_fetch_not_a_failure(hub: Hub, tmp_path: Path, damage: str) -> None:
+    """Chunk maps are optional: one that cannot be read costs time, never the cache."""
+    src = tmp_path / "src"
+    v1 = _big(4, 20 * MiB)
+    _cached_v1(hub, src, v1)
+    v2 = _pushed_v2(hub, src, v1)
+    key = chunks.chunk_map_key(hashlib.sha256(v2).hexdigest())
+    blob = hub.lake.backend.read(key)[0]
+    bad = blob[:20] + bytes(64) + blob[84:] if damage == "deflate" else gzip.compress(b"not a chunk map\n")
+    hub.lake.backend.delete(key)
+    hub.lake.backend.write(key, bad)
+    r = hub.cache("ds@v2")
+    assert tree_digest(Path(r.path)) == tree_digest(src)
+    assert r.chunk_copied_bytes == 0 and r.fetched_bytes == len(v2)
+
+
+def test_large_file_with_a_non_ascii_path(hub: Hub, tmp_path: Path) -> None:
+    """The plan lists large objects with their path: any UTF-8 path a manifest allows."""
+    src = tmp_path / "src"
+    v1 = _big(5, 18 * MiB)
+    write_tree(src, {"données/échantillon-01.bin": bytes(v1)})
+    hub.push(src, "ds", tag="v1")
+    r1 = hub.cache("ds@v1")
+    assert tree_digest(Path(r1.path)) == tree_digest(src)
+    v2 = bytearray(v1)
+    v2[9 * MiB : 9 * MiB + 100] = bytes(100)
+    (src / "données/échantillon-01.bin").write_bytes(bytes(v2))
+    hub.push(src, "ds", tag="v2")
+    r2 = hub.cache("ds@v2")
+    assert tree_digest(Path(r2.path)) == tree_digest(src)
+    assert r2.chunk_copied_bytes > len(v2) // 2
+
+
 def test_small_objects_get_no_chunk_map(hub: Hub, tmp_path: Path) -> None:
     data = b"x" * (1 * MiB)
     hub.push(write_tree(tmp_path / "src", {"a.bin": data}), "ds")
