@@ -238,21 +238,29 @@ def _upload(hub: Hub, todo_path: os.PathLike[str], candidates: int, progress: Pr
             if not await backend.aput_if_absent(key, _read_checked(path, sha, size, mtime), sha256=sha):
                 progress.advance(1, 0)
                 return
-        elif await backend.aexists(key):  # big: ask first rather than send the bytes in vain
-            progress.advance(1, 0)
-            return
         else:
+            present = await backend.aexists(key)  # big: ask first rather than send the bytes in vain
+            # a present object may still lack its chunk map (pushed before maps existed, or by
+            # a push that died in between): this push has the file at hand, so it adds the map
+            wants_map = size > chunks.CHUNKED_MIN and not (present and await backend.aexists(chunks.chunk_map_key(sha)))
+            if present and not wants_map:
+                progress.advance(1, 0)
+                return
             if not big:
                 big.append(asyncio.Semaphore(BIG_FILES_IN_FLIGHT))
             async with big[0]:  # big files are read whole: bound how many are in memory at once
                 data = await asyncio.to_thread(_read_checked, path, sha, size, mtime)
-                chunk_map = await asyncio.to_thread(chunks.compute, data) if size > chunks.CHUNKED_MIN else None
-                await backend.aput(key, data, sha256=sha)
+                chunk_map = await asyncio.to_thread(chunks.compute, data) if wants_map else None
+                if not present:
+                    await backend.aput(key, data, sha256=sha)
                 del data
             if chunk_map is not None:
                 # after the object: a chunk map never describes content the lake lacks
                 blob = chunks.encode(chunk_map)
                 await backend.aput(chunks.chunk_map_key(sha), blob, sha256=hashlib.sha256(blob).hexdigest())
+            if present:
+                progress.advance(1, 0)
+                return
         counts[0] += 1
         counts[1] += size
         progress.advance(1, size)

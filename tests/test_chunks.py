@@ -154,6 +154,18 @@ def test_large_file_with_a_non_ascii_path(hub: Hub, tmp_path: Path) -> None:
     assert r2.chunk_copied_bytes > len(v2) // 2
 
 
+def test_a_push_adds_the_missing_chunk_map_of_an_object_already_in_the_lake(hub: Hub, tmp_path: Path) -> None:
+    """An object pushed without its map (older cachehub, or a push that died in between) gets it."""
+    data = bytes(_big(6, 17 * MiB))
+    src = write_tree(tmp_path / "src", {"shard.bin": data})
+    hub.push(src, "one")
+    key = chunks.chunk_map_key(hashlib.sha256(data).hexdigest())
+    hub.lake.backend.delete(key)
+    again = hub.push(src, "two")  # another dataset: the file is a candidate again
+    assert again.uploaded_files == 0 and again.present_files == 1
+    assert chunks.decode(hub.lake.backend.read(key)[0], size=len(data)).size == len(data)
+
+
 def test_small_objects_get_no_chunk_map(hub: Hub, tmp_path: Path) -> None:
     data = b"x" * (1 * MiB)
     hub.push(write_tree(tmp_path / "src", {"a.bin": data}), "ds")
