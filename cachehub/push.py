@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from .api import Hub
 
 SMALL_FILE = 4 * 1024 * 1024
-RECENT_SMALL = 65_536  # small contents remembered to skip duplicates within one push
+RECENT = 65_536  # contents remembered to skip duplicates within one push
 BIG_FILES_IN_FLIGHT = 4  # files above SMALL_FILE read into memory at once (memory: 4 x the largest)
 
 
@@ -202,29 +202,21 @@ def _hash_and_list(
 
 def _upload(hub: Hub, todo_path: os.PathLike[str], candidates: int, progress: Progress, jobs: int) -> tuple[int, int]:
     backend = hub.lake.backend
-    seen: set[bytes] = set()  # big contents already handled
-    recent: dict[str, None] = {}  # small contents handled lately (bounded: duplicates cluster)
+    recent: dict[str, None] = {}  # contents handled lately (bounded: duplicates cluster)
     counts = [0, 0]
 
     def items() -> Iterator[tuple[str, int, int, str]]:
         with open(todo_path, encoding="utf-8") as fh:
             for line in fh:
                 sha, size, mtime, path = line.rstrip("\n").split("\t", 3)
-                if int(size) > SMALL_FILE:
-                    key = bytes.fromhex(sha)
-                    if key in seen:
-                        progress.advance(1, 0)
-                        continue
-                    seen.add(key)
-                else:
-                    # a duplicate missed here costs one create-only PUT that finds the object,
-                    # so a bounded memory of recent contents is enough (100k empty files: 1 PUT)
-                    if sha in recent:
-                        progress.advance(1, 0)
-                        continue
-                    recent[sha] = None
-                    if len(recent) > RECENT_SMALL:
-                        del recent[next(iter(recent))]
+                # a duplicate missed here costs one request that finds the object (a create-only
+                # PUT, or a HEAD for a big file), so a bounded memory of recent contents is enough
+                if sha in recent:
+                    progress.advance(1, 0)
+                    continue
+                recent[sha] = None
+                if len(recent) > RECENT:
+                    del recent[next(iter(recent))]
                 yield sha, int(size), int(mtime), path
 
     big: list[asyncio.Semaphore] = []  # made inside the event loop, on first use

@@ -19,7 +19,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,19 +49,22 @@ class Plan:
     missing_bytes: int
     reused_files: int  # files whose content the site already holds
     reused_bytes: int
+    # path -> (sha256, size) of each missing large object: where to look for an older version
+    # to copy chunks from (large files are few, so this stays small)
+    large: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
 def plan(store: SiteStore, manifest: Path, missing_list: Path) -> Plan:
     """Validate every manifest entry and list the distinct contents the site lacks.
 
     Reads the manifest (which refuses hostile paths) and stats the site's object store; the
-    only thing written is ``missing_list`` (``sha256<TAB>size`` lines, plus ``<TAB>path`` for
-    large objects), outside the site.
+    only thing written is ``missing_list`` (``sha256<TAB>size`` lines), outside the site.
     Memory: one set entry per *missing* content, nothing per reused file.
     """
     missing: set[bytes] = set()
+    large: dict[str, tuple[str, int]] = {}
     files = nbytes = fetched_files = fetched_bytes = missing_bytes = 0
-    with open(missing_list, "w", encoding="utf-8") as out:  # large objects carry their path
+    with open(missing_list, "w", encoding="ascii") as out:
         for entry in read_manifest(manifest):
             files += 1
             nbytes += entry.size
@@ -71,13 +74,12 @@ def plan(store: SiteStore, manifest: Path, missing_list: Path) -> Plan:
                     continue
                 missing.add(key)
                 missing_bytes += entry.size
-                if entry.size > LARGE_OBJECT:  # the path finds an older version to take chunks from
-                    out.write(f"{entry.sha256}\t{entry.size}\t{entry.path}\n")
-                else:
-                    out.write(f"{entry.sha256}\t{entry.size}\n")
+                out.write(f"{entry.sha256}\t{entry.size}\n")
+                if entry.size > LARGE_OBJECT:
+                    large.setdefault(entry.path, (entry.sha256, entry.size))
             fetched_files += 1
             fetched_bytes += entry.size
-    return Plan(files, nbytes, len(missing), missing_bytes, files - fetched_files, nbytes - fetched_bytes)
+    return Plan(files, nbytes, len(missing), missing_bytes, files - fetched_files, nbytes - fetched_bytes, large)
 
 
 def cache(
@@ -220,18 +222,12 @@ def _fetch(
     counts = [0, 0, 0]  # objects, bytes, bytes copied from older versions at the site (chunk deltas)
     ranges: list[asyncio.Semaphore] = []  # made inside the event loop, on first use
 
-    large_paths: dict[str, tuple[str, int]] = {}
-    with open(missing_list, encoding="utf-8") as fh:
-        for line in fh:
-            fields = line.rstrip("\n").split("\t", 2)
-            if len(fields) == 3:
-                large_paths.setdefault(fields[2], (fields[0], int(fields[1])))
-    bases = _delta_bases(hub, store, commit, large_paths) if large_paths else {}
+    bases = _delta_bases(hub, store, commit, the_plan.large) if the_plan.large else {}
 
     def items() -> Iterator[tuple[str, int]]:
-        with open(missing_list, encoding="utf-8") as fh:
+        with open(missing_list, encoding="ascii") as fh:
             for line in fh:
-                sha, size = line.split("\t", 2)[:2]
+                sha, size = line.split()
                 yield sha, int(size)
 
     async def one(item: tuple[str, int]) -> None:
