@@ -52,28 +52,23 @@ def diff_files(old: str | os.PathLike[str], new: str | os.PathLike[str]) -> Iter
     new_it = chain.from_iterable(read_line_blocks(new))
     a = next(old_it, None)
     b = next(new_it, None)
-    while a is not None and b is not None:
+    while a is not None or b is not None:
         if a == b:  # same hash, size and path: unchanged
             a = next(old_it, None)
             b = next(new_it, None)
             continue
-        pa, pb = _path(a), _path(b)
-        if pa < pb:
-            yield DiffEntry(pa.decode("utf-8"), "removed", _size(a), None)
+        pa = _path(a) if a is not None else None
+        pb = _path(b) if b is not None else None
+        if pb is None or (pa is not None and pa < pb):
+            yield DiffEntry(pa.decode("utf-8"), "removed", _size(a), None)  # type: ignore[union-attr,arg-type]
             a = next(old_it, None)
-        elif pb < pa:
-            yield DiffEntry(pb.decode("utf-8"), "added", None, _size(b))
+        elif pa is None or pb < pa:
+            yield DiffEntry(pb.decode("utf-8"), "added", None, _size(b))  # type: ignore[arg-type]
             b = next(new_it, None)
         else:  # same path, other hash or size
-            yield DiffEntry(pb.decode("utf-8"), "modified", _size(a), _size(b))
+            yield DiffEntry(pb.decode("utf-8"), "modified", _size(a), _size(b))  # type: ignore[arg-type]
             a = next(old_it, None)
             b = next(new_it, None)
-    while a is not None:
-        yield DiffEntry(_path(a).decode("utf-8"), "removed", _size(a), None)
-        a = next(old_it, None)
-    while b is not None:
-        yield DiffEntry(_path(b).decode("utf-8"), "added", None, _size(b))
-        b = next(new_it, None)
 
 
 def _path(line: bytes) -> bytes:

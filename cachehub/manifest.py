@@ -97,18 +97,21 @@ def write_manifest(path: str | os.PathLike[str], entries: Iterable[ManifestEntry
     return writer.close(), writer.files, writer.bytes
 
 
+def _check_header(path: str | os.PathLike[str], header: str) -> None:
+    """Refuse a file that is not a manifest, or one of a format version this cachehub does not read."""
+    match = _HEADER_RE.fullmatch(header)
+    if not match:
+        raise FormatError(f"{path} is not a cachehub manifest (bad header {header[:60]!r})")
+    if int(match.group(1)) != FORMAT_VERSION:
+        raise FormatError(
+            f"manifest {path} has format_version {match.group(1)}; this cachehub reads {FORMAT_VERSION}: upgrade cachehub"
+        )
+
+
 def read_manifest(path: str | os.PathLike[str], *, validate: bool = True) -> Iterator[ManifestEntry]:
     """Stream the entries of a manifest file, validating format, paths and order."""
     with gzip.open(path, "rt", encoding="utf-8", newline="\n") as fh:
-        header = fh.readline()
-        match = _HEADER_RE.fullmatch(header)
-        if not match:
-            raise FormatError(f"{path} is not a cachehub manifest (bad header {header[:60]!r})")
-        version = int(match.group(1))
-        if version != FORMAT_VERSION:
-            raise FormatError(
-                f"manifest {path} has format_version {version}; this cachehub reads {FORMAT_VERSION}: upgrade cachehub"
-            )
+        _check_header(path, fh.readline())
         last = ""
         lineno = 1
         for line in fh:
@@ -139,14 +142,7 @@ def read_line_blocks(path: str | os.PathLike[str]) -> Iterator[list[bytes]]:
     (``Lake.fetch_manifest``, ``push``); the header is still checked. Memory: one block.
     """
     with gzip.open(path, "rb") as fh:
-        header = fh.readline().decode("utf-8", "replace")
-        match = _HEADER_RE.fullmatch(header)
-        if not match:
-            raise FormatError(f"{path} is not a cachehub manifest (bad header {header[:60]!r})")
-        if int(match.group(1)) != FORMAT_VERSION:
-            raise FormatError(
-                f"manifest {path} has format_version {match.group(1)}; this cachehub reads {FORMAT_VERSION}: upgrade cachehub"
-            )
+        _check_header(path, fh.readline().decode("utf-8", "replace"))
         carry = b""
         while data := fh.read(_BLOCK_BYTES):
             block = carry + data
