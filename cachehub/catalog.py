@@ -120,18 +120,8 @@ class Catalog:
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA foreign_keys=ON")
         self.conn = conn
-        self._db: object = None
         self._origin: str | None = None
         self._migrate()
-
-    @property
-    def db(self):  # type: ignore[no-untyped-def]
-        """sqlite-utils over the same connection, imported on first write (keeps resolve fast)."""
-        if self._db is None:
-            import sqlite_utils
-
-            self._db = sqlite_utils.Database(self.conn)
-        return self._db
 
     def close(self) -> None:
         self.conn.close()
@@ -188,32 +178,23 @@ class Catalog:
         commits = list(commits)
         if not commits:
             return
-        rows = (
-            {
-                "id": c.id,
-                "dataset": c.dataset,
-                "manifest": c.manifest,
-                "files": c.files,
-                "bytes": c.bytes,
-                "parents": json.dumps(list(c.parents)),
-                "author": c.author,
-                "host": c.host,
-                "message": c.message,
-                "created": c.created,
-                "derived_from": json.dumps(list(c.derived_from)),
-                "transform": c.transform,
-            }
-            for c in commits
-        )
-        self.db["commits"].insert_all(rows, replace=True)
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO commits (id, dataset, manifest, files, bytes, parents, author, host, message, created,"
+            " derived_from, transform) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            [
+                (
+                    c.id, c.dataset, c.manifest, c.files, c.bytes, json.dumps(list(c.parents)), c.author, c.host,
+                    c.message, c.created, json.dumps(list(c.derived_from)), c.transform,
+                )
+                for c in commits
+            ],
+        )  # fmt: skip
         for c in commits:
             if c.run:  # lineage: the run that produced this commit
                 self.conn.execute(
                     "INSERT OR IGNORE INTO run_outputs (run_id, dataset, commit_id) VALUES (?,?,?)", (c.run, c.dataset, c.id)
                 )
 
-    # Single-row writes on hot paths use plain SQL: importing sqlite-utils pulls in numpy
-    # (~100 ms), which `cachehub cache` of an already indexed commit should not pay.
     def touch_dataset(self, name: str) -> None:
         self.conn.execute("INSERT OR REPLACE INTO datasets (name, refreshed) VALUES (?, ?)", (name, now_iso()))
 

@@ -22,10 +22,11 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
-site_app = typer.Typer(help="Manage sites: cache roots near compute.", no_args_is_help=True)
-catalog_app = typer.Typer(help="Manage the local catalog (an index of the lake).", no_args_is_help=True)
-audit_app = typer.Typer(help="The audit trail: who did what, when, where.", invoke_without_command=True)
+site_app = typer.Typer(help="Manage sites: cache roots near compute.", no_args_is_help=True, rich_markup_mode=None)
+catalog_app = typer.Typer(help="Manage the local catalog (an index of the lake).", no_args_is_help=True, rich_markup_mode=None)
+audit_app = typer.Typer(help="The audit trail: who did what, when, where.", invoke_without_command=True, rich_markup_mode=None)
 app.add_typer(site_app, name="site")
 app.add_typer(catalog_app, name="catalog")
 app.add_typer(audit_app, name="audit")
