@@ -381,16 +381,17 @@ class Linker:
 
     ``auto`` hardlinks and falls back to a copy where the filesystem refuses (EXDEV, EPERM,
     EMLINK when a file is duplicated past the link limit, ENOTSUP); after EXDEV/EPERM it stops
-    trying links for the rest of the tree.
+    trying links for the rest of the tree. In every mode a missing object raises
+    FileNotFoundError and places nothing. Safe to share between threads.
     """
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
-        self.fallbacks = 0
         self._links_work = mode in ("auto", "hardlink")
 
     def place(self, obj: Path | str, dest: str) -> None:
         if self.mode == "symlink":
+            os.stat(obj)  # FileNotFoundError for a missing object, as in the other modes
             os.symlink(os.path.relpath(obj, os.path.dirname(dest)), dest)
             return
         if self._links_work:
@@ -400,7 +401,6 @@ class Linker:
             except OSError as exc:
                 if self.mode == "hardlink" or exc.errno not in FALLBACK_ERRNOS:
                     raise
-                self.fallbacks += 1
                 if exc.errno != errno.EMLINK:
                     self._links_work = False
         copy_readonly(obj, dest)

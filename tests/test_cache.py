@@ -135,7 +135,7 @@ def test_auto_falls_back_to_copy_past_the_link_limit(hub: Hub, tmp_path: Path, m
     calls = {"n": 0}
 
     def link(a, b, *args, **kw):  # type: ignore[no-untyped-def]
-        if str(b).count("staging"):
+        if str(b).count("staging") and os.path.exists(a):  # a link that would be made
             calls["n"] += 1
             if calls["n"] > 4:
                 raise OSError(errno.EMLINK, "Too many links")
@@ -303,13 +303,26 @@ def test_corrupt_large_object_is_rejected(hub: Hub, tmp_path: Path, monkeypatch:
     assert site_state(root)["commits"] == [] and not list((root / "tmp").iterdir())
 
 
-def test_objects_collected_between_plan_and_build_are_fetched_again(hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """gc may remove content the plan counted on (another process's sweep); the build refetches it.
+def _collect_everything_unreferenced(store: SiteStore, evict: str | None = None) -> int:
+    """What another process's eviction and gc would do: unpublish ``evict``, then collect old content."""
+    from cachehub.evict import gc
+    from cachehub.store import remove_tree
 
-    The race is forced by running the real gc right after the real plan.
+    if evict is not None:
+        remove_tree(store.unpublish(evict))  # type: ignore[arg-type]
+        store.meta_path(evict).unlink()
+    for obj in (store.root / "objects").rglob("*"):
+        if obj.is_file():
+            os.utime(obj, (0, 0))  # old content, not protected by its age
+    return gc(store)[0]
+
+
+def test_content_collected_after_it_was_linked_stays_in_the_tree(hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gc elsewhere right after the build linked the content it reuses cannot take it away.
+
+    The race is forced by running the real eviction and gc right after the real first pass.
     """
     from cachehub import sync
-    from cachehub.evict import gc
 
     src = random_tree(tmp_path / "src", 30)
     hub.push(src, "old")
@@ -317,23 +330,41 @@ def test_objects_collected_between_plan_and_build_are_fetched_again(hub: Hub, tm
     hub.cache("old")
     store = SiteStore(hub.settings.site())
     old_id = hub.resolve_commit("old").id
-    os.utime(store.used_path(old_id), (0, 0))
-    for obj in (store.root / "objects").rglob("*"):
-        if obj.is_file():
-            os.utime(obj, (0, 0))  # old content, not protected by its age
-    real_plan = sync.plan
+    real = sync._link_present
 
-    def plan_then_collect(*args, **kwargs):  # type: ignore[no-untyped-def]
-        result = real_plan(*args, **kwargs)
-        trash = store.unpublish(old_id)  # 'old' is evicted by someone else...
-        store.meta_path(old_id).unlink()
-        from cachehub.store import remove_tree
-
-        remove_tree(trash)  # type: ignore[arg-type]
-        assert gc(store)[0] == 30  # ...and its content collected, after 'new' planned to reuse it
+    def link_then_collect(*args, **kwargs):  # type: ignore[no-untyped-def]
+        result = real(*args, **kwargs)
+        assert _collect_everything_unreferenced(store, evict=old_id) == 30  # 'new' is not published yet
         return result
 
-    monkeypatch.setattr(sync, "plan", plan_then_collect)
+    monkeypatch.setattr(sync, "_link_present", link_then_collect)
     r = hub.cache("new")
-    assert r.reused_files == 30 and r.fetched_files == 30  # planned as reused, fetched after all
+    assert r.reused_files == 30 and r.fetched_files == 0
+    assert tree_digest(Path(r.path)) == tree_digest(src)
+    assert hub.verify("new").ok
+
+
+def test_objects_collected_between_fetch_and_link_are_fetched_again(hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gc elsewhere may remove objects this build just fetched before they are linked; they are fetched again.
+
+    The race is forced by running the real gc right after the real fetch.
+    """
+    from cachehub import sync
+
+    src = random_tree(tmp_path / "src", 30)
+    hub.push(src, "ds")
+    store = SiteStore(hub.settings.site())
+    real = sync._fetch
+    calls = []
+
+    def fetch_then_collect(*args, **kwargs):  # type: ignore[no-untyped-def]
+        result = real(*args, **kwargs)
+        calls.append(result)
+        if len(calls) == 1:
+            assert _collect_everything_unreferenced(store) == 30
+        return result
+
+    monkeypatch.setattr(sync, "_fetch", fetch_then_collect)
+    r = hub.cache("ds")
+    assert len(calls) == 2 and r.fetched_files == 60  # fetched, collected, fetched again
     assert tree_digest(Path(r.path)) == tree_digest(src)
