@@ -564,9 +564,7 @@ def _place_files(
             try:
                 linker.place(obj, f"{top}/{entry.path}")
             except FileNotFoundError:
-                if os.path.exists(obj):
-                    raise
-                gone.append(entry)
+                gone.append(entry)  # the object is missing (the tree's directories are all made)
         return gone
 
     pending: deque[tuple[Future[list[ManifestEntry]], list[ManifestEntry]]] = deque()
