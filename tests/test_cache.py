@@ -124,6 +124,31 @@ def test_link_modes(hub: Hub, tmp_path: Path, mode: str) -> None:
         assert stat.S_ISREG(st.st_mode) and st.st_nlink == 1
     else:
         assert st.st_nlink >= 3  # object + two paths with the same content
+    # a second version: the files whose content the site holds are placed from it, the rest fetched
+    v2 = write_tree(tmp_path / "v2", {"a/x": "same", "b/y": "changed", "z": "other", "new/w": "new"})
+    hub.push(v2, "ds")
+    r = hub.cache("ds", site="s")
+    assert (r.reused_files, r.fetched_files) == (2, 2)
+    assert tree_digest(Path(r.path)) == tree_digest(v2) and tree_digest(path) == tree_digest(src)
+
+
+def test_linking_in_batches_on_threads(hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trees of many files are linked in batches by worker threads; every batch boundary is exercised."""
+    from cachehub import sync
+
+    monkeypatch.setattr(sync, "LINK_BATCH", 3)
+    v1 = {f"d{i % 4}/f{i:03d}": f"content {i}" for i in range(40)}
+    src = write_tree(tmp_path / "v1", v1)
+    hub.push(src, "ds", tag="v1")
+    hub.cache("ds@v1")
+    v2 = {**{k: v for k, v in v1.items() if not k.endswith(("3", "7"))}, **{f"d{i % 5}/g{i:03d}": f"new {i}" for i in range(11)}}
+    v2["d0/f000"] = "rewritten"
+    src2 = write_tree(tmp_path / "v2", v2)
+    hub.push(src2, "ds", tag="v2")
+    r = hub.cache("ds@v2")
+    assert (r.files, r.reused_files, r.fetched_files) == (len(v2), len(v2) - 12, 12)
+    assert tree_digest(Path(r.path)) == tree_digest(src2)
+    assert hub.verify("ds@v2").ok and hub.verify("ds@v1").ok
 
 
 def test_auto_falls_back_to_copy_past_the_link_limit(hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
