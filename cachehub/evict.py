@@ -339,9 +339,11 @@ def gc(
 ) -> tuple[int, int]:
     """Remove content objects (and manifests) no cached commit references; return (count, bytes).
 
-    ``keep`` is content a build in progress needs (admission passes the new commit's). Objects
-    younger than GC_MIN_AGE are also kept while *another* build lock is held at the site,
-    since they may be waiting to be linked into that tree. ``doomed`` content (a purged
+    ``keep`` is content a build in progress needs (admission passes the new commit's). The
+    content of every build in progress at the site is kept too: each build lock names the
+    build's manifest, whose copy is at the site before the lock is taken, and the locks are
+    looked at again before each removal. Objects younger than GC_MIN_AGE are also kept while
+    *another* build lock is held (a builder of an older version names no manifest). ``doomed`` content (a purged
     commit's) goes whatever its age, unless a cached commit still references it. Use markers of
     commits that are no longer cached are removed too.
     """
@@ -359,6 +361,33 @@ def gc(
         return names
 
     published = index()
+    seen_builds: set[str] = set()
+    locks_dir = store.root / "locks"
+
+    def index_builds() -> set[str]:
+        """Keep the content of every build in progress here (its lock names its manifest).
+
+        Returns the lock names looked at (stale ones too), listed before the locks were read.
+        """
+        names = lock_names()
+        building = store.building()
+        for manifest_id in set(building.values()) - seen_builds - {""}:
+            seen_builds.add(manifest_id)
+            try:
+                for entry in read_manifest(store.manifest_path(manifest_id), validate=False):
+                    referenced.add(bytes.fromhex(entry.sha256))
+            except FileNotFoundError:  # a builder of an older version: the age rule below covers it
+                continue
+            manifests.add(manifest_id)
+        return names
+
+    def lock_names() -> set[str]:
+        try:
+            return {name for name in os.listdir(locks_dir) if name.endswith(".lock")}
+        except FileNotFoundError:
+            return set()
+
+    builds = index_builds()
     started = time.time()
 
     def other_builder() -> bool:
@@ -390,6 +419,10 @@ def gc(
                         published = index()
                         if key in referenced:
                             continue
+            if lock_names() - builds:  # a build started meanwhile: keep what it needs
+                builds = index_builds()
+                if key in referenced:
+                    continue
             if not dry_run:
                 os.unlink(path)
             count += 1

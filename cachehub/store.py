@@ -216,9 +216,22 @@ class SiteStore:
             os.makedirs(os.path.dirname(final), exist_ok=True)  # a root laid out by an older version
             os.rename(tmp, final)
 
-    def lock(self, commit_id: str) -> BuildLock | None:
-        """Take the advisory lock for building ``commit_id``; None if a live builder holds it."""
-        return BuildLock.acquire(self.root / "locks" / f"{commit_id}.lock")
+    def lock(self, commit_id: str, manifest: str = "") -> BuildLock | None:
+        """Take the advisory lock for building ``commit_id`` (from ``manifest``); None if a live builder holds it."""
+        return BuildLock.acquire(self.root / "locks" / f"{commit_id}.lock", manifest)
+
+    def building(self) -> dict[Path, str]:
+        """The live build locks at this site and the manifest id each names ("" if none)."""
+        out: dict[Path, str] = {}
+        locks = self.root / "locks"
+        for path in locks.glob("*.lock") if locks.exists() else ():
+            try:
+                parts = path.read_text().split()
+            except FileNotFoundError:
+                continue
+            if not lock_is_stale(path):
+                out[path] = parts[3] if len(parts) > 3 and len(parts[3]) == 64 else ""
+        return out
 
     def sweep_leftovers(self, *, max_age: float = 86400.0) -> int:
         """Remove staging trees, temp files and trash left by builders that died; return the count."""
@@ -275,16 +288,22 @@ class BuildLock:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.fresh: list[Path] = []  # also touched by the heartbeat (the build's staging tree)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="cachehub-lock-heartbeat", daemon=True)
         self._thread.start()
 
     @classmethod
-    def acquire(cls, path: Path) -> BuildLock | None:
+    def acquire(cls, path: Path, manifest: str = "") -> BuildLock | None:
+        """Create the lock file: ``HOST PID TIME [MANIFEST-ID]``; None if a live holder has it.
+
+        The manifest id tells a gc at the site which content this build needs (``building``).
+        """
         path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(3):
             try:
-                atomic_write(path, f"{HOST} {os.getpid()} {time.time():.3f}\n".encode(), exclusive=True, durable=False)
+                text = f"{HOST} {os.getpid()} {time.time():.3f} {manifest}".rstrip() + "\n"
+                atomic_write(path, text.encode(), exclusive=True, durable=False)
                 return cls(path)
             except FileExistsError:
                 if not lock_is_stale(path):
@@ -303,6 +322,11 @@ class BuildLock:
                 os.utime(self.path)
             except FileNotFoundError:
                 return
+            for path in self.fresh:  # so that no sweep on another host takes it for a dead builder's
+                try:
+                    os.utime(path)
+                except OSError:
+                    pass
 
     def release(self) -> None:
         self._stop.set()

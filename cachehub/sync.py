@@ -1,17 +1,17 @@
 """Caching a commit at a site: link what the site holds, fetch only what is missing, publish once.
 
-Under the commit's build lock, into a private staging directory:
+Under the commit's build lock (which names the commit's manifest, copied to the site first,
+so that a gc at the site keeps this build's content), into a private staging directory:
 
 1. **link and plan**: stream the manifest (validated when it entered the manifest cache);
    link every file whose content the site's object store already holds (from any commit of
-   any dataset) -- the link itself is the existence check, and once made, the content cannot
-   be collected from under the tree -- and list the distinct contents it lacks. No listing
-   of the lake, no HEAD requests;
+   any dataset) -- the link itself is the existence check -- and list the files not linked
+   and the distinct contents the site lacks. No listing of the lake, no HEAD requests;
 2. **admit**: evict to make room under the site's quota and free-space floor, or refuse;
 3. **fetch**: the transfer engine downloads the missing objects concurrently, checks each
    one's SHA-256 and size, and places it read-only in ``objects/`` (atomic rename from a
    process-unique temp name), so whatever arrived survives a crash;
-4. **link the rest** of the files, then **publish**: one ``rename`` to ``commits/<id>``. A
+4. **link the rest** (the files listed in step 1), then **publish**: one ``rename`` to ``commits/<id>``. A
    concurrent builder that loses the race discards its staging tree; both callers get the
    same, complete tree.
 """
@@ -83,7 +83,10 @@ def cache(
     sweep_dead_entries(hub.settings.tmp_dir)
     missing_list = hub.settings.tmp_dir / f"plan-{commit.id[:16]}.{unique_suffix()}"
     try:
-        lock = _wait_for_lock(store, commit.id)
+        # the site's copy of the manifest first, and a lock that names it: a gc at the site
+        # (any host) then keeps this build's content, linked or not yet (evict.gc)
+        _site_manifest(store, commit, manifest)
+        lock = _wait_for_lock(store, commit)
         try:
             if lock is not None:
                 store.sweep_leftovers()
@@ -136,6 +139,8 @@ def _build(
     fetched. On any failure the staging tree is removed: nothing is published.
     """
     staging = store.new_staging(commit.id)
+    if lock is not None:
+        lock.fresh.append(staging)  # a cold fetch of a big dataset can outlast the sweep's 24 hours
     top = str(staging)
     linker = Linker(store.site.link)
     counts = [0, 0, 0]
@@ -145,24 +150,29 @@ def _build(
         for i in range(3):
             counts[i] += got[i]
 
+    unlinked = missing_list.with_name(missing_list.name + ".files")  # the files pass 1 could not link
     try:
         progress.start("link", total_files=commit.files)
         try:
-            the_plan, missing = _link_present(store, manifest, top, linker, missing_list, progress)
+            the_plan = _link_present(store, manifest, top, linker, missing_list, unlinked, progress)
         finally:
             progress.finish()
         evicted = _admit(hub, store, commit, the_plan, manifest, lock.path if lock is not None else None)
         fetch(missing_list, the_plan, progress)
-        _site_manifest(store, commit, manifest)
-        if missing:
+        if the_plan.reused_files < the_plan.files:
+            vanished: list[ManifestEntry] = []
+
+            def lost(entry: ManifestEntry) -> None:
+                if os.path.exists(store.object_file(entry.sha256)):  # the object is there: the tree is not
+                    raise FileNotFoundError(errno.ENOENT, f"cannot place {entry.path} in the staging tree {top}")
+                vanished.append(entry)  # fetched, then collected by a gc elsewhere before it was linked
+
             progress.start("link", total_files=the_plan.files - the_plan.reused_files)
             try:
-                rest = (e for e in read_manifest(manifest, validate=False) if bytes.fromhex(e.sha256) in missing)
-                vanished: list[ManifestEntry] = []
-                _place_files(store, rest, top, linker, progress, vanished.append)
+                _place_files(store, _read_entries(unlinked), top, linker, progress, lost)
             finally:
                 progress.finish()
-            if vanished:  # fetched, then collected by a gc elsewhere before they were linked
+            if vanished:
                 items = sorted({(e.sha256, e.size) for e in vanished})
                 again = missing_list.with_name(missing_list.name + ".again")
                 again.write_text("".join(f"{sha}\t{size}\n" for sha, size in items))
@@ -196,17 +206,22 @@ def _build(
     except BaseException:
         remove_tree(staging)
         raise
+    finally:
+        unlinked.unlink(missing_ok=True)
     return the_plan, evicted, (counts[0], counts[1], counts[2])
 
 
-def _link_present(store: SiteStore, manifest: Path, top: str, linker: Linker, missing_list: Path, progress: Progress) -> tuple[Plan, set[bytes]]:
-    """Link every file whose content the site holds under ``top``; list the distinct contents it lacks.
+def _link_present(
+    store: SiteStore, manifest: Path, top: str, linker: Linker, missing_list: Path, unlinked: Path, progress: Progress
+) -> Plan:
+    """Link every file whose content the site holds under ``top``; list what it lacks.
 
     ``manifest`` is a copy from the local manifest cache, which holds only manifests verified
     against their id and validated line by line on arrival (``Lake.fetch_manifest``), so its
-    paths are safe and it is not validated again. The missing contents go to
-    ``missing_list`` (``sha256<TAB>size`` lines, outside the site) and are returned as a set.
-    Memory: one set entry per *missing* content, nothing per reused file.
+    paths are safe and it is not validated again. The distinct missing contents go to
+    ``missing_list`` (``sha256<TAB>size`` lines) and the files not linked to ``unlinked``
+    (manifest lines), both outside the site. Memory: one set entry per *missing* content,
+    nothing per reused file.
     """
     missing: set[bytes] = set()
     large: dict[str, tuple[str, int]] = {}
@@ -218,11 +233,12 @@ def _link_present(store: SiteStore, manifest: Path, top: str, linker: Linker, mi
             n[1] += entry.size
             yield entry
 
-    with open(missing_list, "w", encoding="ascii") as out:
+    with open(missing_list, "w", encoding="ascii") as out, open(unlinked, "w", encoding="utf-8", newline="\n") as files:
 
         def absent(entry: ManifestEntry) -> None:
             n[2] += 1
             n[3] += entry.size
+            files.write(f"{entry.sha256}\t{entry.size}\t{entry.path}\n")
             key = bytes.fromhex(entry.sha256)
             if key not in missing:
                 missing.add(key)
@@ -232,8 +248,16 @@ def _link_present(store: SiteStore, manifest: Path, top: str, linker: Linker, mi
                     large.setdefault(entry.path, (entry.sha256, entry.size))
 
         _place_files(store, entries(), top, linker, progress, absent)
-    files, nbytes, fetch_files, fetch_bytes, missing_bytes = n
-    return Plan(files, nbytes, len(missing), missing_bytes, files - fetch_files, nbytes - fetch_bytes, large), missing
+    files_, nbytes, fetch_files, fetch_bytes, missing_bytes = n
+    return Plan(files_, nbytes, len(missing), missing_bytes, files_ - fetch_files, nbytes - fetch_bytes, large)
+
+
+def _read_entries(path: Path) -> Iterator[ManifestEntry]:
+    """The entries ``_link_present`` wrote to its list of files not linked (manifest lines)."""
+    with open(path, encoding="utf-8", newline="\n") as fh:
+        for line in fh:
+            digest, size, rel = line.rstrip("\n").split("\t", 2)
+            yield ManifestEntry(rel, int(size), digest)
 
 
 def _admit(hub: Hub, store: SiteStore, commit: Commit, the_plan: Plan, manifest: Path, lock: Path | None) -> tuple[str, ...]:
@@ -269,11 +293,11 @@ def _admit(hub: Hub, store: SiteStore, commit: Commit, the_plan: Plan, manifest:
     return tuple(f"{e.entry.dataset}@{e.entry.commit}" for e in result.evicted)
 
 
-def _wait_for_lock(store: SiteStore, commit_id: str) -> BuildLock | None:
+def _wait_for_lock(store: SiteStore, commit: Commit) -> BuildLock | None:
     """The advisory build lock, or None once another process has published the commit."""
     while True:
-        lock = store.lock(commit_id)
-        if lock is not None or store.is_cached(commit_id):
+        lock = store.lock(commit.id, commit.manifest)
+        if lock is not None or store.is_cached(commit.id):
             return lock
         time.sleep(LOCK_POLL_SECONDS)  # another process is building it; wait and reuse its work
 

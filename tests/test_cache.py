@@ -328,51 +328,91 @@ def test_corrupt_large_object_is_rejected(hub: Hub, tmp_path: Path, monkeypatch:
     assert site_state(root)["commits"] == [] and not list((root / "tmp").iterdir())
 
 
+def remove_tree_of(store: SiteStore, commit_id: str) -> None:
+    """Evict a commit the way another process would: unpublish its tree and forget its meta."""
+    from cachehub.store import remove_tree
+
+    remove_tree(store.unpublish(commit_id))  # type: ignore[arg-type]
+    store.meta_path(commit_id).unlink()
+
+
 def _collect_everything_unreferenced(store: SiteStore, evict: str | None = None) -> int:
     """What another process's eviction and gc would do: unpublish ``evict``, then collect old content."""
     from cachehub.evict import gc
-    from cachehub.store import remove_tree
 
     if evict is not None:
-        remove_tree(store.unpublish(evict))  # type: ignore[arg-type]
-        store.meta_path(evict).unlink()
+        remove_tree_of(store, evict)
     for obj in (store.root / "objects").rglob("*"):
         if obj.is_file():
             os.utime(obj, (0, 0))  # old content, not protected by its age
     return gc(store)[0]
 
 
-def test_content_collected_after_it_was_linked_stays_in_the_tree(hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A gc elsewhere right after the build linked the content it reuses cannot take it away.
+@pytest.mark.parametrize("mode", ["auto", "symlink", "copy"])
+def test_gc_during_a_build_keeps_the_content_it_reuses(hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """Another process evicts the commit whose content a build is reusing, then collects: the build's lock keeps it.
 
-    The race is forced by running the real eviction and gc right after the real first pass.
+    The race is forced by running the real eviction and gc right after the build's first pass.
     """
     from cachehub import sync
 
+    hub.site_add("s", tmp_path / f"site-{mode}", link=mode)
     src = random_tree(tmp_path / "src", 30)
     hub.push(src, "old")
     hub.push(src, "new")
-    hub.cache("old")
-    store = SiteStore(hub.settings.site())
+    hub.cache("old", site="s")
+    store = SiteStore(hub.settings.site("s"))
     old_id = hub.resolve_commit("old").id
     real = sync._link_present
 
     def link_then_collect(*args, **kwargs):  # type: ignore[no-untyped-def]
         result = real(*args, **kwargs)
-        assert _collect_everything_unreferenced(store, evict=old_id) == 30  # 'new' is not published yet
+        assert _collect_everything_unreferenced(store, evict=old_id) == 0  # 'new' is being built
         return result
 
     monkeypatch.setattr(sync, "_link_present", link_then_collect)
-    r = hub.cache("new")
+    r = hub.cache("new", site="s")
     assert r.reused_files == 30 and r.fetched_files == 0
     assert tree_digest(Path(r.path)) == tree_digest(src)
-    assert hub.verify("new").ok
+    assert hub.verify("new", site="s").ok
+    assert all(store.object_path(e.sha256).exists() for e in hub.manifest(hub.resolve_commit("new")))
+
+
+def test_gc_sees_a_build_that_starts_while_it_runs(hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build lock that appears after gc first looked is noticed before anything is removed."""
+    from cachehub.evict import gc
+
+    src = random_tree(tmp_path / "src", 12)
+    hub.push(src, "ds")
+    hub.cache("ds")
+    store = SiteStore(hub.settings.site())
+    commit = hub.resolve_commit("ds")
+    remove_tree_of(store, commit.id)  # evicted: its content is unreferenced now
+    for obj in (store.root / "objects").rglob("*"):
+        if obj.is_file():
+            os.utime(obj, (0, 0))
+    real = store.building
+    taken = []
+
+    def building_then_a_build_starts():  # type: ignore[no-untyped-def]
+        out = real()
+        if not taken:
+            taken.append(store.lock(commit.id, commit.manifest))  # another process starts re-caching it
+        return out
+
+    monkeypatch.setattr(store, "building", building_then_a_build_starts)
+    assert gc(store) == (0, 0)
+    taken[0].release()
+    monkeypatch.undo()
+    assert gc(store)[0] == 12  # and once that build is gone, the content goes
 
 
 def test_objects_collected_between_fetch_and_link_are_fetched_again(hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """gc elsewhere may remove objects this build just fetched before they are linked; they are fetched again.
+    """Objects this build fetched that vanish before they are linked are fetched again.
 
-    The race is forced by running the real gc right after the real fetch.
+    A gc of this version keeps a build's content (the tests above); one of an older version,
+    which knows nothing of the manifest in the lock, might not. Its removal is done here by
+    deleting the fetched object files right after the real fetch.
     """
     from cachehub import sync
 
@@ -382,14 +422,49 @@ def test_objects_collected_between_fetch_and_link_are_fetched_again(hub: Hub, tm
     real = sync._fetch
     calls = []
 
-    def fetch_then_collect(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def fetch_then_remove(*args, **kwargs):  # type: ignore[no-untyped-def]
         result = real(*args, **kwargs)
         calls.append(result)
         if len(calls) == 1:
-            assert _collect_everything_unreferenced(store) == 30
+            for obj in (store.root / "objects").rglob("*"):
+                if obj.is_file():
+                    obj.unlink()
         return result
 
-    monkeypatch.setattr(sync, "_fetch", fetch_then_collect)
+    monkeypatch.setattr(sync, "_fetch", fetch_then_remove)
     r = hub.cache("ds")
-    assert len(calls) == 2 and r.fetched_files == 60  # fetched, collected, fetched again
+    assert len(calls) == 2 and r.fetched_files == 60  # fetched, removed, fetched again
     assert tree_digest(Path(r.path)) == tree_digest(src)
+
+
+def test_duplicate_content_arriving_during_the_first_pass(hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files sharing one content, whose object arrives while the first pass runs: each file is placed once.
+
+    Another process fetching the same content is simulated by storing the object between the
+    first pass's batches (batches of one file).
+    """
+    from cachehub import sync
+
+    monkeypatch.setattr(sync, "LINK_BATCH", 1)
+    files = {f"d/{i:02d}": "same bytes" for i in range(8)} | {"e/empty1": "", "e/empty2": "", "z": "other"}
+    src = write_tree(tmp_path / "src", files)
+    hub.push(src, "ds")
+    store = SiteStore(hub.settings.site())
+    real = sync._place_files
+    arrived = []
+
+    def place(store_, entries, top, linker, progress, absent):  # type: ignore[no-untyped-def]
+        def watched():  # type: ignore[no-untyped-def]
+            for i, entry in enumerate(entries):
+                if i == 3 and not arrived:  # after a few files, the shared object shows up
+                    sha = hashlib.sha256(b"same bytes").hexdigest()
+                    store.store_object(sha, b"same bytes")
+                    store.store_object(hashlib.sha256(b"").hexdigest(), b"")
+                    arrived.append(sha)
+                yield entry
+
+        return real(store_, watched(), top, linker, progress, absent)
+
+    monkeypatch.setattr(sync, "_place_files", place)
+    r = hub.cache("ds")
+    assert arrived and tree_digest(Path(r.path)) == tree_digest(src)
