@@ -242,6 +242,37 @@ def test_s3_server_dies_mid_transfer_then_rerun_resumes(tmp_path: Path, monkeypa
         server.stop()
 
 
+def test_full_disk_while_linking_fails_cleanly(hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC from a link made on a worker thread (injected: a full directory is hard to make
+    reliably) becomes NoSpaceError; the staging tree goes and nothing is published."""
+    from cachehub import sync
+    from cachehub.store import Linker
+
+    monkeypatch.setattr(sync, "LINK_BATCH", 4)
+    src = random_tree(tmp_path / "src", 40)
+    hub.push(src, "ds", tag="v1")
+    hub.cache("ds@v1")
+    (src / "extra").write_bytes(b"one more file")
+    hub.push(src, "ds", tag="v2")
+    real = Linker.place
+    calls = []
+
+    def place(self, obj, dest):  # type: ignore[no-untyped-def]
+        calls.append(dest)
+        if len(calls) == 17:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, obj, dest)
+
+    monkeypatch.setattr(Linker, "place", place)
+    with pytest.raises(NoSpaceError, match="ran out of space while building"):
+        hub.cache("ds@v2")
+    root = Path(hub.settings.site().root)
+    assert [p.name for p in (root / "commits").iterdir()] == [hub.resolve_commit("ds@v1").id]
+    assert list((root / "staging").iterdir()) == [] and list((root / "locks").iterdir()) == []
+    monkeypatch.undo()
+    assert tree_digest(Path(hub.cache("ds@v2").path)) == tree_digest(src)
+
+
 def test_full_disk_fails_cleanly(hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A real 1 MiB tmpfs as the site when we may mount (root, as in CI); else ENOSPC is injected."""
     src = random_tree(tmp_path / "src", 200, min_size=20000, max_size=30000)  # ~5 MB

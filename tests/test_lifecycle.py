@@ -188,6 +188,7 @@ def test_admission_refuses_before_downloading(hub: Hub, tmp_path: Path) -> None:
     store = SiteStore(hub.settings.site("small"))
     assert list((store.root / "objects").rglob("*.*")) == [] and not any((store.root / "objects").rglob("[0-9a-f]" * 64))
     assert list((store.root / "commits").iterdir()) == []
+    assert list((store.root / "staging").iterdir()) == [] and list((store.root / "locks").iterdir()) == []
 
 
 def test_admission_evicts_lru_when_that_makes_room(hub: Hub, tmp_path: Path) -> None:
