@@ -4,7 +4,9 @@
 Starts SeaweedFS (``weed mini``) on 127.0.0.1, builds the reference data with a fixed seed,
 uploads it for the reference tools (s5cmd, rclone) and pushes it with cachehub, then measures
 each scenario ``--runs`` times, every run into a fresh directory on a freshly made filesystem,
-checks every result against the source (SHA-256 of every file) and prints the table.
+checks every result against the source (SHA-256 of every file) and prints the table. Last, the
+scale phase (``--scale-files``, ``bench/scale.py``): push, cache, diff, delta, evict and gc of
+60,000 and 600,000 tiny files on the local lake, and the diff of two 1,000,000-entry manifests.
 
 Nothing here talks to anything but 127.0.0.1: the S3 server binds to loopback only, its
 telemetry is switched off, every client is given the endpoint, dummy credentials and a region
@@ -868,6 +870,7 @@ class Bench:
         self.quiet_timeouts = 0
         self.repeats = 0
         self.run_dir = WORK / f"run-{self.stamp}"
+        self.scale_rows: list[dict[str, Any]] = []
 
     # -- environment for the tools ------------------------------------------------------------
     def env(self, **extra: str) -> dict[str, str]:
@@ -1493,6 +1496,22 @@ class Bench:
         return s
 
     # -- report --------------------------------------------------------------------------------
+    def scale_runs(self) -> None:
+        """The scale phase: bench/scale.py's steps at --scale-files, after the S3 scenarios."""
+        sizes = [int(x) for x in self.args.scale_files.split(",") if x.strip() and int(x) > 0]
+        if not sizes:
+            return
+        import scale  # this directory is on sys.path: bench.py runs as a script
+
+        self.wait_quiet()
+        log(f"scale phase (bench/scale.py): the 1,000,000-entry diff, then {', '.join(f'{n:,}' for n in sizes)} files")
+        try:
+            self.scale_rows, _ = scale.run(sizes)
+        except (SystemExit, Exception) as exc:  # noqa: BLE001 - a failed step is reported, not fatal
+            msg = f"scale phase: {exc}"
+            self.failures.append(msg)
+            log(f"FAIL {msg}")
+
     def rows(self) -> list[dict[str, Any]]:
         out = []
         for key, sc in self.scenarios.items():
@@ -1613,7 +1632,7 @@ class Bench:
             row = next((x for x in lat if x["what"] == f"cachehub {what} (command)"), None)
             if row:
                 out.append((f"cachehub {what} as a command < 150 ms", f"median {row['median_ms']:.0f} ms", "met" if row["median_ms"] < 150 else "MISSED"))
-        out.append(("manifests of 1,000,000 files: diff < 3 s, bounded memory", "measured by bench/scale.py", "-"))
+        out += scale_targets(self.scale_rows)
         return out
 
     def fs_description(self) -> str:
@@ -1706,6 +1725,13 @@ class Bench:
             lt = [[x["what"], str(x["calls"]), f"{x['p50_ms']:.3f}", f"{x['p99_ms']:.3f}", f"{x['median_ms']:.3f}", f"{x['min_ms']:.3f}–{x['max_ms']:.3f}"] for x in lat]
             lines += _md_table(["what", "calls", "p50 ms", "p99 ms", "median ms", "min–max ms"], lt)
             lines.append("")
+        if self.scale_rows:
+            import scale
+
+            lines.append("### Scale (bench/scale.py: local lake, fresh tmpfs, each step a fresh `cachehub` process)")
+            lines.append("")
+            lines += scale.markdown(self.scale_rows, "").splitlines()[2:]
+            lines.append("")
         lines.append("### Targets (docs: design/performance.md), from this run")
         lines.append("")
         lines += _md_table(["target", "measured", "verdict"], [list(t) for t in targets])
@@ -1730,6 +1756,27 @@ class Bench:
         for n in self.notes:
             lines.append(f"- {n}")
         return "\n".join(lines) + "\n"
+
+
+def scale_targets(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """Verdicts of the scale phase: the 1M diff under 3 s; every step's time per file flat with size."""
+    if not rows:
+        return [("scale targets (1M diff, 600k files)", "scale phase not run (--scale-files 0)", "-")]
+    out = []
+    diff = next((r for r in rows if r["files"] == 1_000_000), None)
+    if diff:
+        out.append(("diff of two 1,000,000-entry manifests < 3 s, bounded memory", f"{diff['wall']:.2f} s, {diff['traced_mib']:.1f} MiB traced", "met" if diff["wall"] < 3 else "MISSED"))
+    sizes = sorted({r["files"] for r in rows if r["files"] != 1_000_000})
+    if len(sizes) >= 2:
+        small, big = sizes[0], sizes[-1]
+        per = {(r["files"], r["step"]): r for r in rows}
+        # linear: per-file cost at the largest size within 1.5x of the smallest's (noise, and fixed costs favour the large size)
+        worst = max(per[(big, step)]["us_per_file"] / per[(small, step)]["us_per_file"] for (n, step) in per if n == small and (big, step) in per)
+        rss = max(r["rss_mib"] for r in rows if r["files"] == big and r.get("rss_mib") is not None)
+        out.append(
+            (f"{big:,} files: push, cache, diff, evict linear in time, memory bounded", f"µs per file at {big:,} ≤ {worst:.2f}× that at {small:,}; peak RSS {rss:.0f} MiB", "met" if worst <= 1.5 else "MISSED")
+        )
+    return out
 
 
 def _pct(sorted_values: list[float], pct: float) -> float:
@@ -1810,6 +1857,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--regen", action="store_true", help="regenerate the reference data even if a copy exists")
     ap.add_argument("--keep", action="store_true", help="keep the S3 server's data directory afterwards")
+    ap.add_argument(
+        "--scale-files",
+        default="60000,600000",
+        help="file counts for the scale phase (bench/scale.py: push, cache, diff, delta, evict, gc and the "
+        "1M-entry diff, on the local lake in a tmpfs); 0 skips it (default 60000,600000)",
+    )
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("bench.py mounts a fresh filesystem per measurement and must run as root", file=sys.stderr)
@@ -1850,6 +1903,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"the S3 server has non-loopback connections: {peers}")
         bench.push_runs()
         bench.download_runs()
+        bench.scale_runs()
         peers = bench.server.remote_peers()
         if peers:
             bench.failures.append(f"the S3 server had non-loopback connections at the end: {peers}")
@@ -1893,6 +1947,7 @@ def main(argv: list[str] | None = None) -> int:
                 "args": {k: str(v) for k, v in vars(args).items()},
                 "results": {f"{k[0]} | {k[1]}": [asdict(s) for s in v] for k, v in bench.results.items()},
                 "latency_seconds": bench.latency,
+                "scale": bench.scale_rows,
                 "failures": bench.failures,
             },
             indent=1,

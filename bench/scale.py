@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import random
@@ -134,7 +135,8 @@ def diff_1m(rows: list[dict], base: Path) -> None:
     """diff of two synthetic 1,000,000-entry manifests, 1% modified, in this process."""
     import tracemalloc
 
-    sys.path.insert(0, str(REPO))
+    if importlib.util.find_spec("cachehub") is None:
+        sys.path.insert(0, str(REPO))
     from cachehub.diff import diff_files, stat
     from cachehub.manifest import write_manifest
     from cachehub.model import ManifestEntry
@@ -176,16 +178,14 @@ def markdown(rows: list[dict], machine: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="60000,600000", help="comma-separated file counts")
-    ap.add_argument("--dir", help="work in this existing directory instead of a fresh tmpfs")
-    ap.add_argument("--markdown", help="also write the table as markdown to this file")
-    args = ap.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
-    base = Path(args.dir) if args.dir else WORK
+def run(sizes: list[int], directory: str | None = None) -> tuple[list[dict], str]:
+    """The 1M-entry diff, then every step at each size; returns (rows, machine line).
+
+    Raises SystemExit naming the step when a command fails or a result is wrong.
+    """
+    base = Path(directory) if directory else WORK
     mounted = False
-    if not args.dir:
+    if not directory:
         base.mkdir(parents=True, exist_ok=True)
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16g,nr_inodes=0", "tmpfs", str(base)], check=True)
         mounted = True
@@ -200,6 +200,16 @@ def main() -> int:
     finally:
         if mounted:
             subprocess.run(["umount", "-l", str(base)], check=False)
+    return rows, machine
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="60000,600000", help="comma-separated file counts")
+    ap.add_argument("--dir", help="work in this existing directory instead of a fresh tmpfs")
+    ap.add_argument("--markdown", help="also write the table as markdown to this file")
+    args = ap.parse_args()
+    rows, machine = run([int(s) for s in args.sizes.split(",")], args.dir)
     text = markdown(rows, machine)
     print(text)
     if args.markdown:
