@@ -343,9 +343,9 @@ def gc(
     content of every build in progress at the site is kept too: each build lock names the
     build's manifest, whose copy is at the site before the lock is taken, and the locks are
     looked at again before each removal. Objects younger than GC_MIN_AGE are also kept while
-    *another* build lock is held (a builder of an older version names no manifest). ``doomed`` content (a purged
-    commit's) goes whatever its age, unless a cached commit still references it. Use markers of
-    commits that are no longer cached are removed too.
+    *another* build lock is held (a builder of an older version names no manifest).
+    ``doomed`` content (a purged commit's) goes whatever its age, unless a cached commit
+    still references it. Use markers of commits that are no longer cached are removed too.
     """
     now = time.time() if now is None else now
     referenced: set[bytes] = set(keep or ())
@@ -391,8 +391,7 @@ def gc(
     started = time.time()
 
     def other_builder() -> bool:
-        locks = set((store.root / "locks").glob("*.lock")) if (store.root / "locks").exists() else set()
-        return bool(locks - {own_lock})
+        return bool(lock_names() - {own_lock.name if own_lock is not None else None})
 
     count = total = 0
     for dirpath, _dirs, files in os.walk(store.root / "objects"):

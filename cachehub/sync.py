@@ -233,12 +233,12 @@ def _link_present(
             n[1] += entry.size
             yield entry
 
-    with open(missing_list, "w", encoding="ascii") as out, open(unlinked, "w", encoding="utf-8", newline="\n") as files:
+    with open(missing_list, "w", encoding="ascii") as out, open(unlinked, "w", encoding="utf-8", newline="\n") as not_linked:
 
         def absent(entry: ManifestEntry) -> None:
             n[2] += 1
             n[3] += entry.size
-            files.write(f"{entry.sha256}\t{entry.size}\t{entry.path}\n")
+            not_linked.write(f"{entry.sha256}\t{entry.size}\t{entry.path}\n")
             key = bytes.fromhex(entry.sha256)
             if key not in missing:
                 missing.add(key)
@@ -248,8 +248,8 @@ def _link_present(
                     large.setdefault(entry.path, (entry.sha256, entry.size))
 
         _place_files(store, entries(), top, linker, progress, absent)
-    files_, nbytes, fetch_files, fetch_bytes, missing_bytes = n
-    return Plan(files_, nbytes, len(missing), missing_bytes, files_ - fetch_files, nbytes - fetch_bytes, large)
+    files, nbytes, fetch_files, fetch_bytes, missing_bytes = n
+    return Plan(files, nbytes, len(missing), missing_bytes, files - fetch_files, nbytes - fetch_bytes, large)
 
 
 def _read_entries(path: Path) -> Iterator[ManifestEntry]:
