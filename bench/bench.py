@@ -59,6 +59,7 @@ KiB = 1024
 MiB = 1024 * 1024
 MB = 1_000_000
 CLASSES = 15
+SCENARIOS = ("push_small", "push_delta", "push_large", "cold_small", "cold_large", "delta", "recache", "bigdelta")
 
 # -- environment: loopback only, dummy credentials ---------------------------------------------
 for _var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
@@ -873,6 +874,10 @@ class Bench:
         self.scale_rows: list[dict[str, Any]] = []
 
     # -- environment for the tools ------------------------------------------------------------
+    def wants(self, scenario: str) -> bool:
+        """Is ``scenario`` selected (``--only``; every scenario by default)?"""
+        return not self.args.only or scenario in self.args.only.split(",")
+
     def env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
         env.update(extra)
@@ -1016,7 +1021,7 @@ class Bench:
         args = self.args
         cleanup_stale_mounts()
         self.data = build_data(args.scale, args.seed, regen=args.regen)
-        self.big = build_bigdelta(args.scale, args.seed, regen=args.regen)
+        self.big = build_bigdelta(args.scale, args.seed, regen=args.regen) if self.wants("bigdelta") else None
         d, bd = self.data, self.big
         n, n2 = len(d.small), len(d.small_v2)
         self.scenarios = {
@@ -1030,14 +1035,15 @@ class Bench:
             "delta": Scenario("delta", f"delta v1→v2 ({len(d.changed)} files to fetch, {len(d.deleted)} to drop)", len(d.changed), d.changed_bytes),
             "recache": Scenario("recache", f"re-cache complete commit ({n} files)", n, total_bytes(d.small), rates=False),
             # what must move: the rewritten bytes (1% of the file), as the delta counts changed files
-            "bigdelta": Scenario("bigdelta", f"big file, 1% rewritten ({_fmt_mib(bd.size)})", 1, bd.changed_bytes),
+            **({"bigdelta": Scenario("bigdelta", f"big file, 1% rewritten ({_fmt_mib(bd.size)})", 1, bd.changed_bytes)} if bd else {}),
         }
+        self.scenarios = {k: v for k, v in self.scenarios.items() if self.wants(k)}
         big = max(total_bytes(d.small), total_bytes(d.small_v2), total_bytes(d.large))
         self.fs_size = int(2.2 * big) + 512 * MiB
         self.fs_size -= self.fs_size % (4 * KiB)
         # the big-file scenario holds two versions at once: the site's v1 and v2 objects (its tree
         # files are hard links to them), or rclone's v1 copy and its partial download of v2
-        self.fs_size_big = max(self.fs_size, int(2.2 * bd.size) + 512 * MiB)
+        self.fs_size_big = max(self.fs_size, int(2.2 * bd.size) + 512 * MiB) if bd else self.fs_size
         self.fs_size_big -= self.fs_size_big % (4 * KiB)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.server = SeaweedServer(self.bins["weed"], self.run_dir / "seaweed", BUCKET)
@@ -1064,39 +1070,45 @@ class Bench:
         # the two uploads stands for "downloaded v1 before v2 was published" in the s5cmd sync
         # scenario; its size+mtime rule then fetches exactly the changed objects.
         self.t_mid = self.s5_v1_then_v2("raw/small-inplace")
-        log("uploading the big file pair (s5cmd, untimed, single-part): raw/bigdelta-v1, raw/bigdelta-v2")
-        for version, directory in ((1, bd.v1_dir), (2, bd.v2_dir)):
-            self.untimed(self.s5_single_part(directory / BIG_NAME, f"raw/bigdelta-v{version}/"))
+        if bd:
+            log("uploading the big file pair (s5cmd, untimed, single-part): raw/bigdelta-v1, raw/bigdelta-v2")
+            for version, directory in ((1, bd.v1_dir), (2, bd.v2_dir)):
+                self.untimed(self.s5_single_part(directory / BIG_NAME, f"raw/bigdelta-v{version}/"))
         problems = (
             check_prefix(self.server, "raw/small", d.small)
             + check_prefix(self.server, "raw/small-v2", d.small_v2)
             + check_prefix(self.server, "raw/large", d.large)
             + check_prefix(self.server, "raw/small-inplace", d.small_v2)
-            + check_prefix(self.server, "raw/bigdelta-v1", bd.tree(1))
-            + check_prefix(self.server, "raw/bigdelta-v2", bd.tree(2))
-            + self.check_md5_etag("raw/bigdelta-v2", BIG_NAME)
         )
+        if bd:
+            problems += (
+                check_prefix(self.server, "raw/bigdelta-v1", bd.tree(1))
+                + check_prefix(self.server, "raw/bigdelta-v2", bd.tree(2))
+                + self.check_md5_etag("raw/bigdelta-v2", BIG_NAME)
+            )
         log("pushing small@v1, small@v2, large@v1, bigfile@v1 and bigfile@v2 to the lake s3://BUCKET/lake with cachehub (untimed)")
         env = self.cachehub_env(self.run_dir / "homes" / "publisher", self.lake_url("lake"))
-        pushes = ((d.small_dir, "small@v1"), (d.v2_dir, "small@v2"), (d.large_dir, "large@v1"), (bd.v1_dir, "bigfile@v1"), (bd.v2_dir, "bigfile@v2"))
+        pushes = ((d.small_dir, "small@v1"), (d.v2_dir, "small@v2"), (d.large_dir, "large@v1"))
+        pushes += ((bd.v1_dir, "bigfile@v1"), (bd.v2_dir, "bigfile@v2")) if bd else ()
         for directory, ref in pushes:
             name, tag = ref.split("@")
             self.untimed(self.push_cmd(directory, name, tag), env)
-        for files in (d.small, d.small_v2, d.large, bd.tree(1), bd.tree(2)):
+        for files in (d.small, d.small_v2, d.large, *((bd.tree(1), bd.tree(2)) if bd else ())):
             problems += check_lake_objects(self.server, "lake", files)
         if problems:
             raise SystemExit("the set-up uploads are wrong: " + "; ".join(problems))
-        self.notes.append(
-            f"Big file, 1% rewritten: v2 of the {_fmt_mib(bd.size)} file has {len(bd.regions)} separate regions of "
-            f"{bd.regions[0][1]:,} bytes rewritten ({bd.changed_bytes / MB:.2f} MB in all); its MB/s and files/s count what "
-            "must move as those rewritten bytes and that one file (like the delta counts the changed files), although "
-            "s5cmd and rclone download the whole file and cachehub also fetches the rest of the chunks the regions touch. "
-            "cachehub caches v1 at the site untimed, then v2 timed; its network bytes are fetched_bytes − chunk_copied_bytes "
-            f"from its JSON result, and more than {self.big_network_limit() / MiB:.1f} MiB (10% of the file, or the rewritten "
-            f"bytes + {BIG_CHUNK_SLACK // MiB} MiB a region at small scales) fails the check. rclone sync --checksum starts from "
-            "a local copy of v1 and must download all of v2: raw/bigdelta-v2 was uploaded as one PUT so that its ETag is "
-            "its MD5 (for a multipart object without rclone's own MD5 metadata, --checksum compares sizes only, equal here)."
-        )
+        if bd:
+            self.notes.append(
+                f"Big file, 1% rewritten: v2 of the {_fmt_mib(bd.size)} file has {len(bd.regions)} separate regions of "
+                f"{bd.regions[0][1]:,} bytes rewritten ({bd.changed_bytes / MB:.2f} MB in all); its MB/s and files/s count what "
+                "must move as those rewritten bytes and that one file (like the delta counts the changed files), although "
+                "s5cmd and rclone download the whole file and cachehub also fetches the rest of the chunks the regions touch. "
+                "cachehub caches v1 at the site untimed, then v2 timed; its network bytes are fetched_bytes − chunk_copied_bytes "
+                f"from its JSON result, and more than {self.big_network_limit() / MiB:.1f} MiB (10% of the file, or the rewritten "
+                f"bytes + {BIG_CHUNK_SLACK // MiB} MiB a region at small scales) fails the check. rclone sync --checksum starts from "
+                "a local copy of v1 and must download all of v2: raw/bigdelta-v2 was uploaded as one PUT so that its ETag is "
+                "its MD5 (for a multipart object without rclone's own MD5 metadata, --checksum compares sizes only, equal here)."
+            )
 
     def s5_single_part(self, path: Path, dest_prefix: str) -> list[str]:
         """s5cmd cp of one file as a single PUT (part size above the file's), so that its ETag is its MD5."""
@@ -1216,6 +1228,8 @@ class Bench:
         ]
         for r in range(self.args.runs):
             for key, tools in plan:
+                if not self.wants(key):
+                    continue
                 for tool, fn in tools if r % 2 == 0 else tools[::-1]:
                     self.attempt(key, tool, r, fn)
 
@@ -1238,7 +1252,7 @@ class Bench:
 
     def download_runs(self) -> None:
         d, bd = self.data, self.big
-        assert d is not None and bd is not None
+        assert d is not None
         scenarios: list[tuple[str, list[tuple[str, Callable[[Path, int], Sample]]]]] = [
             (
                 "cold_small",
@@ -1275,9 +1289,11 @@ class Bench:
                 ],
             ),
         ]
+        scenarios = [(key, tools) for key, tools in scenarios if self.wants(key)]
         for r in range(self.args.runs):
-            with FreshFS(self.args.fs, self.fs_size) as mnt:
-                self.recache_and_resolve(mnt, "small@v1", d.small, r)
+            if self.wants("recache"):
+                with FreshFS(self.args.fs, self.fs_size) as mnt:
+                    self.recache_and_resolve(mnt, "small@v1", d.small, r)
             for key, tools in scenarios:
                 order = tools[r % len(tools) :] + tools[: r % len(tools)]  # rotate who goes first
                 size = self.fs_size_big if key == "bigdelta" else self.fs_size
@@ -1855,6 +1871,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--live-sources", action="store_true", help="import cachehub from the working tree instead of a snapshot taken at the start"
     )
+    ap.add_argument(
+        "--only",
+        help=f"comma-separated scenarios to run (default: all): {', '.join(SCENARIOS)}; 'recache' also times "
+        "resolve() and the cachehub path / --help commands",
+    )
     ap.add_argument("--regen", action="store_true", help="regenerate the reference data even if a copy exists")
     ap.add_argument("--keep", action="store_true", help="keep the S3 server's data directory afterwards")
     ap.add_argument(
@@ -1869,6 +1890,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.runs < 1:
         print("--runs must be at least 1", file=sys.stderr)
+        return 2
+    unknown = set(args.only.split(",")) - set(SCENARIOS) if args.only else set()
+    if unknown:
+        print(f"--only: unknown scenario(s) {', '.join(sorted(unknown))}; use {', '.join(SCENARIOS)}", file=sys.stderr)
         return 2
 
     def on_term(signum: int, _frame: object) -> None:
