@@ -9,20 +9,17 @@ event breaks the chain at that point. Events are shipped to the lake in batches 
 
 from __future__ import annotations
 
-import json
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from .catalog import event_hash
-from .errors import ConflictError
-from .lake import canonical_json
+from .context import Context
+from .errors import CachehubError, ConflictError
+from .lake import audit_batch_key
 
-if TYPE_CHECKING:
-    from .api import Hub
-
+log = logging.getLogger("cachehub")
 GENESIS = "0" * 64
-EVENT_FIELDS = ("time", "user", "host", "action", "dataset", "commit", "ref", "site", "details")
 
 
 @dataclass(frozen=True)
@@ -40,9 +37,8 @@ def verify_chain(events: Iterable[dict]) -> list[ChainProblem]:
     for event in events:
         origin = event["origin"]
         seq = event["origin_seq"]
-        body = {k: event[k] for k in EVENT_FIELDS}
         prev_seq, prev_hash = last.get(origin, (0, GENESIS))
-        if event_hash(event["prev"], body) != event["hash"]:
+        if event_hash(event["prev"], event) != event["hash"]:
             problems.append(ChainProblem(origin, seq, "edited", f"event {origin}:{seq} ({event['action']}) was changed after it was written"))
         elif event["prev"] != prev_hash:
             kind = "missing or reordered"
@@ -59,61 +55,42 @@ def verify_chain(events: Iterable[dict]) -> list[ChainProblem]:
     return problems
 
 
-def ordered_for_verify(hub: Hub) -> list[dict]:
-    rows = list(hub.catalog.audit_events())
+def verify(ctx: Context) -> list[ChainProblem]:
+    """Check every hash chain in the catalog; an empty list means intact."""
+    rows = list(ctx.catalog.audit_events())
     rows.sort(key=lambda e: (e["origin"], e["origin_seq"]))  # each chain in its own order
-    return rows
+    return verify_chain(rows)
 
 
-def ship(hub: Hub) -> int:
+def ship(ctx: Context) -> int:
     """Write this catalog's unshipped events to the lake as one object; return how many."""
-    catalog = hub.catalog
+    catalog = ctx.catalog
     origin = catalog.origin
-    pending = {r[0] for r in catalog.conn.execute("SELECT seq FROM audit WHERE origin = ? AND shipped = 0", (origin,))}
-    if not pending:
-        return 0
-    rows = [e for e in catalog.audit_events(origin=origin) if e["seq"] in pending]
+    rows = catalog.unshipped_events(origin)
     if not rows:
         return 0
-    rows.sort(key=lambda e: e["origin_seq"])
-    lines = b"".join(canonical_json(_wire(e)) + b"\n" for e in rows)
-    key = f"audit/{origin}/{rows[0]['origin_seq']:012d}-{rows[-1]['origin_seq']:012d}.jsonl"
     try:
-        hub.lake.backend.write(key, lines, if_none_match=True)  # never overwrite shipped history
+        ctx.lake.write_audit_batch(origin, rows)  # create-only: never overwrite shipped history
     except ConflictError:
+        key = audit_batch_key(origin, rows[0]["origin_seq"], rows[-1]["origin_seq"])
         raise ConflictError(
             f"the lake already holds audit events {key}: this catalog's trail diverged from what it shipped "
             "(were events deleted?); run cachehub audit verify",
             key=key,
         ) from None
-    with catalog.transaction():
-        catalog.conn.executemany("UPDATE audit SET shipped = 1 WHERE seq = ?", [(e["seq"],) for e in rows])
+    catalog.mark_shipped(e["seq"] for e in rows)
     return len(rows)
 
 
-def _wire(event: dict) -> dict:
-    return {**{k: event[k] for k in EVENT_FIELDS}, "origin": event["origin"], "seq": event["origin_seq"], "prev": event["prev"], "hash": event["hash"]}
+def ship_quietly(ctx: Context) -> int:
+    """``ship``, but a lake that cannot be reached now is retried later (a warning, not an error)."""
+    try:
+        return ship(ctx)
+    except (CachehubError, OSError) as exc:
+        log.warning("audit events not shipped to the lake yet: %s", exc)
+        return 0
 
 
-def import_from_lake(hub: Hub) -> int:
+def import_from_lake(ctx: Context) -> int:
     """Load every origin's shipped events from the lake into the catalog (idempotent)."""
-    backend = hub.lake.backend
-    added = 0
-    keys = sorted(k for k in backend.list("audit/") if k.endswith(".jsonl"))
-    with hub.catalog.transaction():
-        for key in keys:
-            data, _ = backend.read(key)
-            for line in data.splitlines():
-                if not line.strip():
-                    continue
-                e = json.loads(line)
-                cur = hub.catalog.conn.execute(
-                    "INSERT OR IGNORE INTO audit (time, user, host, action, dataset, commit_id, ref, site, details, prev, hash,"
-                    " origin, origin_seq, shipped) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,1)",
-                    (
-                        e["time"], e["user"], e["host"], e["action"], e["dataset"], e["commit"], e["ref"], e["site"],
-                        json.dumps(e["details"], sort_keys=True), e["prev"], e["hash"], e["origin"], e["seq"],
-                    ),
-                )  # fmt: skip
-                added += cur.rowcount
-    return added
+    return ctx.catalog.import_events(ctx.lake.audit_events())

@@ -22,6 +22,7 @@ from .catalog import current_user
 from .errors import CachehubError, NotCachedError
 from .fsutil import HOST, atomic_write, unique_suffix
 from .lake import canonical_json, now_iso
+from .model import DaemonInfo
 from .store import SiteStore, pid_alive
 
 DAEMON_STALE_SECONDS = 30.0
@@ -38,13 +39,9 @@ class Request:
     requested: str
 
 
-def queue_dir(store: SiteStore) -> Path:
-    return store.root / "queue"
-
-
 def enqueue(store: SiteStore, *, dataset: str, commit: str, ref: str) -> Path:
     """Drop a request for ``commit`` on the site root; return its path."""
-    base = queue_dir(store)
+    base = store.queue_dir
     base.mkdir(parents=True, exist_ok=True)
     path = base / f"{commit}.{unique_suffix()}.json"
     body = {"format_version": 1, "commit": commit, "dataset": dataset, "ref": ref, "user": current_user(), "host": HOST, "requested": now_iso()}
@@ -56,13 +53,13 @@ def pending(store: SiteStore) -> dict[str, list[Request]]:
     """Pending requests grouped by commit id, oldest commit first."""
     groups: dict[str, list[Request]] = defaultdict(list)
     try:
-        names = sorted(os.listdir(queue_dir(store)), key=lambda n: _mtime(queue_dir(store) / n))
+        names = sorted(os.listdir(store.queue_dir), key=lambda n: _mtime(store.queue_dir / n))
     except FileNotFoundError:
         return {}
     for name in names:
         if not name.endswith(".json") or name.startswith("."):
             continue
-        path = queue_dir(store) / name
+        path = store.queue_dir / name
         try:
             body = json.loads(path.read_bytes())
         except (FileNotFoundError, ValueError):
@@ -103,18 +100,18 @@ def _mtime(path: Path) -> float:
 # -- the daemon's presence -------------------------------------------------------------------
 def announce(store: SiteStore, listen: str | None) -> None:
     body = {"format_version": 1, "host": HOST, "pid": os.getpid(), "listen": listen, "started": now_iso()}
-    atomic_write(store.root / "daemon.json", canonical_json(body), durable=False)
+    atomic_write(store.daemon_path, canonical_json(body), durable=False)
 
 
 def heartbeat(store: SiteStore) -> None:
     try:
-        os.utime(store.root / "daemon.json")
+        os.utime(store.daemon_path)
     except FileNotFoundError:
         pass
 
 
 def withdraw(store: SiteStore) -> None:
-    path = store.root / "daemon.json"
+    path = store.daemon_path
     try:
         body = json.loads(path.read_bytes())
     except (FileNotFoundError, ValueError):
@@ -123,17 +120,18 @@ def withdraw(store: SiteStore) -> None:
         path.unlink(missing_ok=True)
 
 
-def daemon_info(store: SiteStore, now: float | None = None) -> dict | None:
+def daemon_info(store: SiteStore, now: float | None = None) -> DaemonInfo | None:
     """The daemon serving this site, if one is alive."""
-    path = store.root / "daemon.json"
+    path = store.daemon_path
     try:
         body = json.loads(path.read_bytes())
         age = (now if now is not None else time.time()) - path.stat().st_mtime
     except (FileNotFoundError, ValueError):
         return None
-    if body.get("host") == HOST:
-        return body if pid_alive(int(body.get("pid", 0))) else None
-    return body if age <= DAEMON_STALE_SECONDS else None
+    info = DaemonInfo(body.get("host", ""), int(body.get("pid", 0)), body.get("listen"), body.get("started", ""))
+    if info.host == HOST:
+        return info if pid_alive(info.pid) else None
+    return info if age <= DAEMON_STALE_SECONDS else None
 
 
 def wait_for(store: SiteStore, commit: str, request: Path, *, timeout: float = 3600.0, poll: float = 0.2) -> Path:

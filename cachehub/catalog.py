@@ -1,8 +1,10 @@
-"""The catalog: a SQLite index of the lake plus local state (audit, cache entries).
+"""The catalog: a SQLite index of the lake plus local state (audit, runs, hash cache).
 
-It lives on the daemon host's local disk, never on NFS. Everything in it except the audit
-trail can be rebuilt from the lake and the site roots (``cachehub catalog rebuild``). Schema
-changes are numbered migrations; writes that belong together go in one ``with db.conn:``.
+It lives on each host's local disk, never on NFS. Everything in it except the audit trail,
+subscriptions and the hash cache can be rebuilt from the lake and the site roots
+(``cachehub catalog rebuild``). This module holds every SQL statement of the project: other
+modules call a ``Catalog`` method. Schema changes are numbered migrations (``MIGRATIONS``);
+writes that belong together go in one ``with catalog.transaction():``.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from pathlib import Path
 
 from .errors import CachehubError, ConfigError
 from .fsutil import HOST
-from .lake import canonical_json, now_iso
-from .model import CacheEntry, Commit, Tag
+from .lake import EVENT_FIELDS, canonical_json, now_iso
+from .model import CacheEntry, Commit, Subscription, Tag, Tombstone
 
 MIGRATIONS: list[tuple[int, str]] = [
     (
@@ -191,9 +193,7 @@ class Catalog:
         )  # fmt: skip
         for c in commits:
             if c.run:  # lineage: the run that produced this commit
-                self.conn.execute(
-                    "INSERT OR IGNORE INTO run_outputs (run_id, dataset, commit_id) VALUES (?,?,?)", (c.run, c.dataset, c.id)
-                )
+                self.add_run_output(c.run, c.dataset, c.id)
 
     def touch_dataset(self, name: str) -> None:
         self.conn.execute("INSERT OR REPLACE INTO datasets (name, refreshed) VALUES (?, ?)", (name, now_iso()))
@@ -315,13 +315,125 @@ class Catalog:
         cur = self.conn.execute("DELETE FROM subscriptions WHERE dataset=? AND ref=? AND site=?", (dataset, ref, site))
         return cur.rowcount > 0
 
-    def subscriptions(self) -> list[dict]:
-        cols = ("id", "dataset", "ref", "site", "every", "created")
+    def subscriptions(self) -> list[Subscription]:
         rows = self.conn.execute("SELECT id, dataset, ref, site, every, created FROM subscriptions ORDER BY id")
-        return [dict(zip(cols, r, strict=True)) for r in rows]
+        return [Subscription(*r) for r in rows]
 
-    def subscription(self, sub_id: int) -> dict | None:
-        return next((s for s in self.subscriptions() if s["id"] == sub_id), None)
+    def subscription(self, sub_id: int) -> Subscription | None:
+        row = self.conn.execute("SELECT id, dataset, ref, site, every, created FROM subscriptions WHERE id = ?", (sub_id,)).fetchone()
+        return Subscription(*row) if row else None
+
+    # -- tombstones (purged commits) ---------------------------------------------------------
+    def add_tombstone(self, t: Tombstone) -> None:
+        """Record a purge: the commit leaves the index (with its tags and cache entries) for good."""
+        self.forget_commit(t.commit)
+        self.conn.execute(
+            "INSERT OR REPLACE INTO tombstones (commit_id, dataset, reason, user, time) VALUES (?,?,?,?,?)",
+            (t.commit, t.dataset, t.reason, t.purged_by, t.purged),
+        )
+
+    def forget_commit(self, commit_id: str) -> None:
+        self.conn.execute("DELETE FROM commits WHERE id = ?", (commit_id,))
+        self.conn.execute("DELETE FROM tags WHERE commit_id = ?", (commit_id,))
+        self.conn.execute("DELETE FROM cache_entries WHERE commit_id = ?", (commit_id,))
+
+    def tombstone(self, dataset: str, prefix: str) -> Tombstone | None:
+        """The purged commit of ``dataset`` whose id starts with ``prefix``, if any."""
+        row = self.conn.execute(
+            "SELECT commit_id, dataset, reason, user, time FROM tombstones WHERE dataset = ? AND commit_id >= ? AND commit_id < ?",
+            (dataset, prefix, prefix + "g"),
+        ).fetchone()
+        return Tombstone(row[0], row[1], row[2] or "", row[3] or "", row[4] or "") if row else None
+
+    def tombstones(self) -> list[Tombstone]:
+        rows = self.conn.execute("SELECT commit_id, dataset, reason, user, time FROM tombstones ORDER BY time")
+        return [Tombstone(r[0], r[1], r[2] or "", r[3] or "", r[4] or "") for r in rows]
+
+    # -- runs, their inputs and outputs, restores (provenance) -------------------------------
+    def save_run(self, record: dict) -> None:
+        """Write a run (``runs.RunRecord`` fields) with its inputs and outputs, replacing what was there."""
+        self.conn.execute(
+            "INSERT OR REPLACE INTO runs (id, user, host, site, started, ended, status, exit_code, duration, command, origin)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (record["id"], record["user"], record["host"], record.get("site"), record["started"], record.get("ended"),
+             record["status"], record.get("exit_code"), record.get("duration"), json.dumps(record.get("command", [])),
+             record["origin"]),
+        )  # fmt: skip
+        for i in record.get("inputs", ()):  # replaces the row use() wrote, to keep the ref the user gave
+            self.add_run_input(record["id"], i["dataset"], i["commit"], i.get("ref"), i.get("site"), record["started"], replace=True)
+        for o in record.get("outputs", ()):
+            self.add_run_output(record["id"], o["dataset"], o["commit"])
+
+    def open_run(self, run_id: str, *, user: str, host: str, site: str | None, started: str, origin: str) -> None:
+        """Note a run that is reading data (first reader wins; ``save_run`` may fill it in later)."""
+        self.conn.execute(
+            "INSERT OR IGNORE INTO runs (id, user, host, site, started, status, origin) VALUES (?,?,?,?,?,?,?)",
+            (run_id, user, host, site, started, "open", origin),
+        )
+
+    def add_run_input(
+        self, run_id: str, dataset: str, commit_id: str, ref: str | None, site: str | None, time: str, *, replace: bool = False
+    ) -> None:
+        verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+        self.conn.execute(
+            f"{verb} INTO run_inputs (run_id, dataset, commit_id, ref, site, time) VALUES (?,?,?,?,?,?)",
+            (run_id, dataset, commit_id, ref, site, time),
+        )
+
+    def add_run_output(self, run_id: str, dataset: str, commit_id: str) -> None:
+        self.conn.execute("INSERT OR IGNORE INTO run_outputs (run_id, dataset, commit_id) VALUES (?,?,?)", (run_id, dataset, commit_id))
+
+    def run(self, run_id: str) -> dict | None:
+        row = self.conn.execute(
+            "SELECT id, user, host, site, started, ended, status, exit_code, duration, command, origin FROM runs WHERE id = ?", (run_id,)
+        ).fetchone()
+        cols = ("id", "user", "host", "site", "started", "ended", "status", "exit_code", "duration", "command", "origin")
+        return dict(zip(cols, row, strict=True)) if row else None
+
+    def runs(self) -> list[tuple]:
+        """(id, user, host, status, started, command) of every run."""
+        return self.conn.execute("SELECT id, user, host, status, started, command FROM runs").fetchall()
+
+    def run_inputs(self) -> list[tuple]:
+        """(run id, dataset, commit id, ref, site) of every input a run read."""
+        return self.conn.execute("SELECT run_id, dataset, commit_id, ref, site FROM run_inputs").fetchall()
+
+    def run_outputs(self) -> list[tuple]:
+        """(run id, dataset, commit id) of every commit a run produced."""
+        return self.conn.execute("SELECT run_id, dataset, commit_id FROM run_outputs").fetchall()
+
+    def add_restore(self, commit_id: str, dataset: str, path: str, host: str, user: str, time: str) -> bool:
+        """Record a restore into ``path``; False (nothing written) if exactly that one is known."""
+        if self.conn.execute(
+            "SELECT 1 FROM restores WHERE commit_id = ? AND path = ? AND time = ?", (commit_id, path, time)
+        ).fetchone():
+            return False
+        self.conn.execute(
+            "INSERT INTO restores (commit_id, dataset, path, host, user, time) VALUES (?,?,?,?,?,?)",
+            (commit_id, dataset, path, host, user, time),
+        )
+        return True
+
+    def restores(self) -> list[tuple]:
+        """(commit id, dataset, path, host, user, time) of every restore, oldest first."""
+        return self.conn.execute("SELECT commit_id, dataset, path, host, user, time FROM restores ORDER BY time").fetchall()
+
+    def commit_edges(self) -> list[tuple]:
+        """(id, dataset, parents JSON, derived_from JSON, transform, created, author) of every commit."""
+        return self.conn.execute("SELECT id, dataset, parents, derived_from, transform, created, author FROM commits").fetchall()
+
+    # -- the hash cache (push and snapshot skip unchanged files) -----------------------------
+    def hash_rows_from(self, path: str) -> Iterator[tuple]:
+        """A cursor over (path, ino, size, mtime_ns, ctime_ns, sha256) rows from ``path`` on, in path order."""
+        return self.conn.execute(
+            "SELECT path, ino, size, mtime_ns, ctime_ns, sha256 FROM hash_cache WHERE path >= ? ORDER BY path", (path,)
+        )
+
+    def save_hashes(self, rows: list[tuple]) -> None:
+        with self.transaction():
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO hash_cache (path, ino, size, mtime_ns, ctime_ns, sha256) VALUES (?,?,?,?,?,?)", rows
+            )
 
     # -- audit -------------------------------------------------------------------------------
     def audit(
@@ -384,10 +496,7 @@ class Catalog:
         commit: str | None = None,
     ) -> Iterator[dict]:
         """Audit events matching every given filter, oldest first (``since``: ISO time, inclusive)."""
-        sql = (
-            "SELECT seq, time, user, host, action, dataset, commit_id, ref, site, details, origin, origin_seq, prev, hash"
-            " FROM audit WHERE 1=1"
-        )
+        sql = f"SELECT {_EVENT_COLUMNS} FROM audit WHERE 1=1"
         params: list = []
         for column, value in (("dataset", dataset), ("action", action), ("user", user), ("origin", origin), ("commit_id", commit)):
             if value:
@@ -396,16 +505,53 @@ class Catalog:
         if since:
             sql += " AND time >= ?"
             params.append(since)
-        cols = ("seq", "time", "user", "host", "action", "dataset", "commit", "ref", "site", "details", "origin", "origin_seq", "prev", "hash")
         for row in self.conn.execute(sql + " ORDER BY time, seq", params):
-            event = dict(zip(cols, row, strict=True))
-            event["details"] = json.loads(event["details"])
-            yield event
+            yield _event(row)
+
+    def count_audit_events(self) -> int:
+        return self.conn.execute("SELECT count(*) FROM audit").fetchone()[0]
+
+    def unshipped_events(self, origin: str) -> list[dict]:
+        """This catalog's events not yet shipped to the lake, in chain order."""
+        rows = self.conn.execute(
+            f"SELECT {_EVENT_COLUMNS} FROM audit WHERE origin = ? AND shipped = 0 ORDER BY origin_seq", (origin,)
+        )
+        return [_event(r) for r in rows]
+
+    def mark_shipped(self, seqs: Iterable[int]) -> None:
+        with self.transaction():
+            self.conn.executemany("UPDATE audit SET shipped = 1 WHERE seq = ?", [(s,) for s in seqs])
+
+    def import_events(self, events: Iterable[dict]) -> int:
+        """Add shipped events (wire form) not yet here; return how many were new."""
+        added = 0
+        with self.transaction():
+            for e in events:
+                cur = self.conn.execute(
+                    "INSERT OR IGNORE INTO audit (time, user, host, action, dataset, commit_id, ref, site, details, prev, hash,"
+                    " origin, origin_seq, shipped) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,1)",
+                    (
+                        e["time"], e["user"], e["host"], e["action"], e["dataset"], e["commit"], e["ref"], e["site"],
+                        json.dumps(e["details"], sort_keys=True), e["prev"], e["hash"], e["origin"], e["seq"],
+                    ),
+                )  # fmt: skip
+                added += cur.rowcount
+        return added
+
+
+_EVENT_COLUMNS = "seq, time, user, host, action, dataset, commit_id, ref, site, details, origin, origin_seq, prev, hash"
+_EVENT_KEYS = ("seq", "time", "user", "host", "action", "dataset", "commit", "ref", "site", "details", "origin", "origin_seq", "prev", "hash")
+
+
+def _event(row: tuple) -> dict:
+    event = dict(zip(_EVENT_KEYS, row, strict=True))
+    event["details"] = json.loads(event["details"])
+    return event
 
 
 def event_hash(prev: str, event: dict) -> str:
     """The chain link: SHA-256 over the previous event's hash and this event's canonical JSON."""
-    return hashlib.sha256(prev.encode() + canonical_json(event)).hexdigest()
+    return hashlib.sha256(prev.encode() + canonical_json({k: event[k] for k in EVENT_FIELDS})).hexdigest()
 
 
 class _Tx:

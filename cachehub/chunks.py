@@ -4,7 +4,7 @@ A big file that changes a little (a 2 GB shard with 1% rewritten) is a new objec
 SHA-256, so content addressing alone would move all 2 GB again. At push time every object
 larger than ``CHUNKED_MIN`` also gets a *chunk map* in the lake, beside the objects::
 
-    chunks/sha256/<aa>/<sha256>        gzip text, create-only, like every lake document
+    chunks/sha256/<aa>/<sha256>        gzip text, create-only, like every lake document (key: lake.py)
 
     cachehub-chunks <TAB> 1 <TAB> fastcdc2020 <TAB> <min> <TAB> <avg> <TAB> <max>
     <length> <TAB> <sha256 of those bytes>      one line per chunk, in file order
@@ -38,10 +38,6 @@ MIN_SIZE = 256 * 1024
 AVG_SIZE = 1024 * 1024
 MAX_SIZE = 4 * 1024 * 1024
 CHUNKED_MIN = 16 * 1024 * 1024  # objects above this get a chunk map (same as the ranged-GET threshold)
-
-
-def chunk_map_key(sha256: str) -> str:
-    return f"chunks/sha256/{sha256[:2]}/{sha256}"
 
 
 @dataclass(frozen=True)

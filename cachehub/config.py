@@ -244,3 +244,16 @@ def update_config(home: Path, change: Callable[[dict], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, _toml_dump(data).encode("utf-8"))
     return path
+
+
+def lake_uri(url: str) -> str:
+    """The lake as a URI (``file:///abs/path`` for a directory), for lineage systems."""
+    return url.rstrip("/") if "://" in url else "file://" + os.path.abspath(os.path.expanduser(url))
+
+
+def lake_identity(url: str) -> str:
+    """A stable name for a lake URL (absolute path for a directory, URL without trailing / for S3)."""
+    if "://" in url and not url.startswith("file://"):
+        return url.rstrip("/")
+    path = url[len("file://") :] if url.startswith("file://") else url
+    return os.path.abspath(os.path.expanduser(path))

@@ -10,8 +10,9 @@
 * ``repair``     re-verify (and repair) commits in which watchdog saw a file change;
 * ``heartbeat``  renew ``<root>/daemon.json`` so compute nodes know requests are served.
 
-It also serves ``/status`` (JSON) and ``/metrics`` (Prometheus text) on 127.0.0.1 by default.
-Every job opens its own Hub (SQLite connections are per thread). ``stop()`` (SIGTERM) lets
+It also serves ``/status`` (JSON) and ``/metrics`` (Prometheus text) on 127.0.0.1 by default
+(``server.py``). Every job opens its own Context (SQLite connections are per thread) and calls
+the workers; the daemon computes nothing a worker already does. ``stop()`` (SIGTERM) lets
 running jobs finish; an interrupted download is safe to abandon and is resumed after restart,
 because queued requests live on the site root until served.
 """
@@ -20,17 +21,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from . import cache_queue
-from .api import Hub
+from . import audit, cache, cache_queue, evict, index, purge, server, verify
 from .config import Settings
+from .context import Context
 from .errors import CachehubError
+from .model import to_dict
+from .status import site_status
 from .store import SiteStore
 
 log = logging.getLogger("cachehub.daemon")
@@ -92,7 +95,7 @@ class Daemon:
         self._damaged_lock = threading.Lock()
         self._scheduler = None
         self._observer = None
-        self._http: ThreadingHTTPServer | None = None
+        self._http: server.Server | None = None
         self._stopped = threading.Event()
         self._sub_last: dict[int, float] = {}
 
@@ -100,12 +103,12 @@ class Daemon:
     def start(self) -> None:
         from apscheduler.schedulers.background import BackgroundScheduler
 
-        for name in self.site_names:
-            SiteStore(self.settings.site(name)).ensure()
+        for store in self.stores():
+            store.ensure()
         if self.listen:
-            self._start_http()
-        for name in self.site_names:
-            cache_queue.announce(SiteStore(self.settings.site(name)), self.address)
+            self._http = server.serve(self, self.listen)
+        for store in self.stores():
+            cache_queue.announce(store, self.address)
         scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30})
         scheduler.add_job(self.sweep, "interval", seconds=self.sweep_every, id="sweep", next_run_time=_now_dt())
         scheduler.add_job(self.refresh, "interval", seconds=self.refresh_every, id="refresh", next_run_time=_now_dt())
@@ -117,8 +120,8 @@ class Daemon:
         scheduler.start()
         if self.watch:
             self._start_watchdog()
-        with self._hub() as hub:
-            hub.catalog.audit("daemon-start", sites=self.site_names, listen=self.address)
+        with self._context() as ctx:
+            ctx.events.audit("daemon-start", sites=self.site_names, listen=self.address)
         log.info("cachehub daemon serving sites %s, http %s", ", ".join(self.site_names), self.address or "off")
 
     def stop(self, *, wait: bool = True) -> None:
@@ -132,86 +135,75 @@ class Daemon:
             self._observer.stop()
             self._observer.join(timeout=5)
         if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-        for name in self.site_names:
-            cache_queue.withdraw(SiteStore(self.settings.site(name)))
-        with self._hub() as hub:
-            hub.catalog.audit("daemon-stop", sites=self.site_names)
+            self._http.close()
+        for store in self.stores():
+            cache_queue.withdraw(store)
+        with self._context() as ctx:
+            ctx.events.audit("daemon-stop", sites=self.site_names)
 
     def wait(self) -> None:
         self._stopped.wait()
 
     @property
     def address(self) -> str | None:
-        if self._http is None:
-            return None
-        host, port = self._http.server_address[:2]
-        return f"{host}:{port}"
+        return self._http.address if self._http is not None else None
 
-    def _hub(self) -> Hub:
-        return Hub(self.settings)
+    def _context(self) -> Context:
+        return Context(self.settings, clock=self.clock)
+
+    def stores(self) -> list[SiteStore]:
+        return [SiteStore(self.settings.site(name)) for name in self.site_names]
 
     # -- jobs --------------------------------------------------------------------------------
     def sweep(self) -> None:
         """Reap dead leases, evict expired entries, then LRU while over capacity."""
-        with self._hub() as hub:
-            for name in self.site_names:
+        with self._context() as ctx:
+            for store in self.stores():
                 try:
-                    _, result = hub.evict(site=name, now=self.clock())
+                    _, result = evict.run(ctx, store, now=self.clock())
                 except CachehubError as exc:
-                    log.warning("sweep of %s failed: %s", name, exc)
+                    log.warning("sweep of %s failed: %s", store.site.name, exc)
                     continue
                 if result is not None:
-                    with self.metrics.lock:
-                        for ev in result.evicted:
-                            self.metrics.evictions[ev.reason] += 1
+                    self._count_evictions(result.evicted)
+
+    def _count_evictions(self, evicted: Iterable[evict.Eviction]) -> None:
+        with self.metrics.lock:
+            for ev in evicted:
+                self.metrics.evictions[ev.reason] += 1
 
     def refresh(self) -> None:
         """Index commits and tags pushed from other sites; evict commits purged elsewhere;
         ship this daemon's audit events; pick up new subscriptions."""
-        with self._hub() as hub:
+        with self._context() as ctx:
             try:
-                for name in hub.lake.datasets():
-                    hub.refresh(name)
-                self._evict_purged(hub)
-                hub.ship_audit()
+                for name in ctx.lake.datasets():
+                    index.refresh(ctx, name)
+                self._evict_purged(ctx)
+                audit.ship_quietly(ctx)
             except (CachehubError, OSError) as exc:
                 log.warning("refresh failed: %s", exc)
 
-    def _evict_purged(self, hub: Hub) -> None:
+    def _evict_purged(self, ctx: Context) -> None:
         """A purge on another host reaches this host's sites through the lake's tombstones."""
-        from .evict import gc
-        from .restore import evict_purged
-
-        purged = [r[0] for r in hub.catalog.conn.execute("SELECT commit_id FROM tombstones")]
-        for name in self.site_names:
-            store = SiteStore(self.settings.site(name))
-            removed, doomed = [], set()
-            for cid in purged:
-                content = evict_purged(store, cid)
-                if content is not None:
-                    removed.append(cid)
-                    doomed |= content
-            if removed:
-                gc(store, doomed=doomed)
-            for cid in removed:
-                hub.catalog.remove_cache_entry(name, cid)
-                hub.catalog.audit("evict", commit=cid, site=name, reason="purged")
+        purged = [t.commit for t in ctx.catalog.tombstones()]
+        for store in self.stores():
+            if any(store.is_cached(cid) for cid in purged):
+                removed = purge.evict_purged(ctx, store, [cid for cid in purged if store.is_cached(cid)])
                 with self.metrics.lock:
-                    self.metrics.evictions["purged"] += 1
+                    self.metrics.evictions["purged"] += len(removed)
 
     def serve_queue(self) -> None:
         """Cache every requested commit once per site; tell waiters about failures."""
-        with self._hub() as hub:
-            for name in self.site_names:
-                store = SiteStore(self.settings.site(name))
+        with self._context() as ctx:
+            for store in self.stores():
+                name = store.site.name
                 for commit, requests in cache_queue.pending(store).items():
                     if self._stopped.is_set():
                         return
                     ref = f"{requests[0].dataset}@{commit}"
                     try:
-                        result = hub.cache(ref, site=name)
+                        result = cache.cache(ctx, ref, site=name)
                     except (CachehubError, OSError) as exc:
                         cache_queue.failed(requests, str(exc))
                         with self.metrics.lock:
@@ -220,35 +212,34 @@ class Daemon:
                         continue
                     self.metrics.record_cache(result)
                     cache_queue.done(requests)
-                    hub.catalog.audit(
+                    ctx.events.audit(
                         "queue-served", dataset=result.dataset, commit=commit, site=name, requests=len(requests), fetched_bytes=result.fetched_bytes
                     )
 
     def check_subscription(self, sub_id: int) -> None:
         """Cache the commit a subscription's ref names now, if the site lacks it."""
-        with self._hub() as hub:
-            sub = hub.catalog.subscription(sub_id)
+        with self._context() as ctx:
+            sub = ctx.catalog.subscription(sub_id)
             if sub is None:
                 return
             try:
-                commit = hub.resolve_commit(f"{sub['dataset']}@{sub['ref']}", refresh=True)
-                store = SiteStore(self.settings.site(sub["site"]))
-                if store.is_cached(commit.id):
+                commit = index.resolve_commit(ctx, f"{sub.dataset}@{sub.ref}", refresh_first=True)
+                if ctx.store(sub.site).is_cached(commit.id):
                     return
-                result = hub.cache(f"{commit.dataset}@{commit.id}", site=sub["site"])
+                result = cache.cache(ctx, f"{commit.dataset}@{commit.id}", site=sub.site)
             except (CachehubError, OSError) as exc:
                 log.warning("subscription %s failed: %s", sub_id, exc)
                 return
             self.metrics.record_cache(result)
             with self.metrics.lock:
                 self.metrics.subscription_caches += 1
-            hub.catalog.audit(
+            ctx.events.audit(
                 "subscription-cache",
                 dataset=commit.dataset,
                 commit=commit.id,
-                ref=sub["ref"],
-                site=sub["site"],
-                reason=f"subscription {sub['dataset']}@{sub['ref']}",
+                ref=sub.ref,
+                site=sub.site,
+                reason=f"subscription {sub.dataset}@{sub.ref}",
                 fetched_bytes=result.fetched_bytes,
             )
 
@@ -259,15 +250,15 @@ class Daemon:
             self.damaged.clear()
         if not todo:
             return
-        with self._hub() as hub:
+        with self._context() as ctx:
             for site, commit_id in todo:
-                store = SiteStore(self.settings.site(site))
+                store = ctx.store(site)
                 meta = store.meta_path(commit_id)
                 if not store.is_cached(commit_id) or not meta.exists():
                     continue
                 dataset = json.loads(meta.read_bytes())["dataset"]
                 try:
-                    report = hub.verify(f"{dataset}@{commit_id}", site=site, repair=True)
+                    report = verify.verify(ctx, f"{dataset}@{commit_id}", site=site, repair=True)
                 except (CachehubError, OSError) as exc:
                     log.warning("repair of %s at %s failed: %s", commit_id[:12], site, exc)
                     continue
@@ -276,22 +267,22 @@ class Daemon:
                         self.metrics.repairs += len(report.repaired)
 
     def heartbeat(self) -> None:
-        for name in self.site_names:
-            cache_queue.heartbeat(SiteStore(self.settings.site(name)))
+        for store in self.stores():
+            cache_queue.heartbeat(store)
 
     def subscriptions_tick(self) -> None:
         """Check each subscription whose interval has passed (one job; no scheduler changes
         from job threads, which could deadlock against a shutdown)."""
-        with self._hub() as hub:
-            subs = [s for s in hub.catalog.subscriptions() if s["site"] in self.site_names]
+        with self._context() as ctx:
+            subs = [s for s in ctx.catalog.subscriptions() if s.site in self.site_names]
         now = time.monotonic()
         for sub in subs:
             if self._stopped.is_set():
                 return
-            last = self._sub_last.get(sub["id"])
-            if last is None or now - last >= sub["every"]:
-                self._sub_last[sub["id"]] = now
-                self.check_subscription(sub["id"])
+            last = self._sub_last.get(sub.id)
+            if last is None or now - last >= sub.every:
+                self._sub_last[sub.id] = now
+                self.check_subscription(sub.id)
 
     # -- watchdog ----------------------------------------------------------------------------
     def _start_watchdog(self) -> None:
@@ -311,10 +302,10 @@ class Daemon:
                 daemon._note_change(self.site, self.commits, str(event.src_path), event.is_directory, event.event_type)
 
         observer = Observer()
-        for name in self.site_names:
-            commits = SiteStore(self.settings.site(name)).root / "commits"
+        for store in self.stores():
+            commits = store.commits_dir
             commits.mkdir(parents=True, exist_ok=True)
-            observer.schedule(Handler(name, commits), str(commits), recursive=True)
+            observer.schedule(Handler(store.site.name, commits), str(commits), recursive=True)
         observer.daemon = True
         observer.start()
         self._observer = observer
@@ -333,17 +324,12 @@ class Daemon:
             self.damaged.add((site, parts[0]))
         log.info("change (%s) inside published commit %s at %s: will verify", kind, parts[0][:12], site)
 
-    # -- HTTP --------------------------------------------------------------------------------
+    # -- what the HTTP side shows (server.py) -------------------------------------------------
     def status(self) -> dict:
-        with self._hub() as hub:
-            sites = hub.status()
-            sites = [s for s in sites if s["site"] in self.site_names]
-            subs = hub.catalog.subscriptions()
-            for s in sites:
-                store = SiteStore(self.settings.site(s["site"]))
-                s["queue_depth"] = cache_queue.depth(store)
-                s["leases"] = len([x for x in hub.leases(s["site"]) if x["live"]])
-                s["quota"] = store.site.quota
+        """The daemon, its sites, subscriptions and counters, JSON-ready."""
+        with self._context() as ctx:
+            sites = [to_dict(site_status(store)) for store in self.stores()]
+            subs = [to_dict(s) for s in ctx.catalog.subscriptions()]
         m = self.metrics
         with m.lock:
             total = m.fetched_bytes + m.reused_bytes
@@ -358,72 +344,11 @@ class Daemon:
                 "subscription_caches": m.subscription_caches,
             }
         return {
-            "daemon": {"pid": __import__("os").getpid(), "started": self.started, "uptime": self.clock() - self.started, "listen": self.address},
+            "daemon": {"pid": os.getpid(), "started": self.started, "uptime": self.clock() - self.started, "listen": self.address},
             "sites": sites,
             "subscriptions": subs,
             "metrics": metrics,
         }
-
-    def prometheus(self) -> str:
-        st = self.status()
-        m = st["metrics"]
-        lines = [
-            "# HELP cachehub_fetched_bytes_total Bytes downloaded from the lake by this daemon.",
-            "# TYPE cachehub_fetched_bytes_total counter",
-            f"cachehub_fetched_bytes_total {m['fetched_bytes']}",
-            "# HELP cachehub_reused_bytes_total Bytes served from content already at the site.",
-            "# TYPE cachehub_reused_bytes_total counter",
-            f"cachehub_reused_bytes_total {m['reused_bytes']}",
-            "# HELP cachehub_hit_ratio Share of cached bytes that were already at the site.",
-            "# TYPE cachehub_hit_ratio gauge",
-            f"cachehub_hit_ratio {m['hit_ratio'] if m['hit_ratio'] is not None else 'NaN'}",
-            "# HELP cachehub_evictions_total Cache entries evicted, by reason.",
-            "# TYPE cachehub_evictions_total counter",
-        ]
-        for reason in ("expired", "capacity", "manual", "admission", "purged"):
-            lines.append(f'cachehub_evictions_total{{reason="{reason}"}} {m["evictions"].get(reason, 0)}')
-        lines += ["# HELP cachehub_repairs_total Files repaired after a change was detected.", "# TYPE cachehub_repairs_total counter", f"cachehub_repairs_total {m['repairs']}"]
-        gauges = [
-            ("cachehub_leases", "Live leases at the site.", "leases"),
-            ("cachehub_queue_depth", "Cache requests waiting at the site.", "queue_depth"),
-            ("cachehub_site_used_bytes", "Bytes of content stored at the site.", "object_bytes"),
-            ("cachehub_site_quota_bytes", "The site's quota (absent: none).", "quota"),
-            ("cachehub_fs_free_bytes", "Free bytes on the site's filesystem.", "fs_free"),
-            ("cachehub_cached_commits", "Commits cached at the site.", None),
-        ]
-        for metric, help_text, key in gauges:
-            lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} gauge"]
-            for s in st["sites"]:
-                value = len(s["commits"]) if key is None else s.get(key)
-                if value is not None:
-                    lines.append(f'{metric}{{site="{s["site"]}"}} {value}')
-        return "\n".join(lines) + "\n"
-
-    def _start_http(self) -> None:
-        host, _, port = (self.listen or DEFAULT_LISTEN).rpartition(":")
-        daemon = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                if self.path.split("?")[0] == "/status":
-                    body, ctype = json.dumps(daemon.status(), default=str).encode(), "application/json"
-                elif self.path.split("?")[0] == "/metrics":
-                    body, ctype = daemon.prometheus().encode(), "text/plain; version=0.0.4"
-                else:
-                    self.send_error(404, "try /status or /metrics")
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, fmt: str, *args: object) -> None:
-                log.debug("http: " + fmt, *args)
-
-        self._http = ThreadingHTTPServer((host or "127.0.0.1", int(port)), Handler)
-        self._http.daemon_threads = True
-        threading.Thread(target=self._http.serve_forever, name="cachehub-http", daemon=True).start()
 
 
 def _now_dt():  # type: ignore[no-untyped-def]

@@ -1,9 +1,18 @@
-"""Eviction: decide (pure) which cache entries go, then remove them safely (I/O).
+"""Eviction: one path for every removal of a cache entry -- plan (pure), execute, record.
 
-``plan_eviction(entries, policy, now, ...)`` is a pure function returning an ``EvictionPlan``;
-``execute(store, plan)`` carries it out; ``gc(store)`` removes content no cached commit uses.
+* ``plan_eviction(entries, policy, now, ...)`` is a pure function returning an ``EvictionPlan``;
+  ``plan(store, ...)`` gathers a site's state and calls it; ``plan_purge`` plans the removal of
+  a purged commit;
+* ``execute(store, plan)`` carries a plan out (the protocol below), then collects garbage
+  (``gc.py``);
+* ``record(ctx, store, result)`` updates the catalog and appends the audit events.
+
+``evict`` (``cachehub evict``, the daemon's sweep), admission (``cache.py``) and purge
+(``purge.py``, and the daemon for purges made elsewhere) all go through these three.
+
 Eviction only ever removes site copies: never the lake, never a pinned entry, never one with
-a live lease, never one used within the site's grace period.
+a live lease, never one used within the site's grace period. A purge is the one exception: an
+erased commit goes whatever its pins (``purge.py`` refuses first while it is leased).
 
 The race with readers (see docs/operations.md, "Eviction and running jobs"):
 
@@ -26,15 +35,19 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import lease as leasemod
-from .fsutil import HOST, atomic_write, unique_suffix
+from .fsutil import HOST, atomic_write
+from .gc import gc
 from .manifest import read_manifest
 from .model import Site
-from .store import SiteStore, lock_is_stale, remove_tree
+from .store import CachedCommit, SiteStore, fs_space, lock_is_stale, remove_tree
+
+if TYPE_CHECKING:
+    from .context import Context
 
 RECENT_USE_SLACK = 2.0  # seconds: coarse NFS mtimes must not hide a use during eviction
-GC_MIN_AGE = 3600.0  # objects younger than this may belong to a tree being built
 
 
 @dataclass(frozen=True)
@@ -48,12 +61,13 @@ class EntryState:
     last_used: float
     pinned: bool
     leased: bool
+    manifest: str = ""  # the manifest id of the cached commit (what a purge's gc removes)
 
 
 @dataclass(frozen=True)
 class Eviction:
     entry: EntryState
-    reason: str  # "expired" | "capacity" | "manual"
+    reason: str  # "expired" | "capacity" | "manual" | "admission" | "purged"
 
 
 @dataclass(frozen=True)
@@ -192,6 +206,21 @@ def _bytes_to_free(site: Site, usage: int, fs_free: int | None, fs_total: int | 
 
 
 # -- gathering state (I/O) -------------------------------------------------------------------
+def entry_state(store: SiteStore, c: CachedCommit, *, now: float, exclusive_bytes: int = 0) -> EntryState:
+    """What eviction needs to know about one cached commit (its pins, leases, last use)."""
+    last = c.last_used if c.last_used is not None else _mtime(store.meta_path(c.commit), now)
+    return EntryState(
+        commit=c.commit,
+        dataset=c.dataset,
+        bytes=c.bytes,
+        exclusive_bytes=exclusive_bytes,
+        last_used=last,
+        pinned=leasemod.is_pinned(store, c.commit),
+        leased=bool(leasemod.live_leases(store, c.commit, now)),
+        manifest=c.manifest,
+    )
+
+
 def gather(
     store: SiteStore, *, now: float | None = None, keep: set[bytes] | None = None
 ) -> tuple[list[EntryState], int, list[tuple[int, tuple[str, ...]]]]:
@@ -228,23 +257,42 @@ def gather(
             together[owners] = together.get(owners, 0) + size
     del refs
     shared = [(size, tuple(c.commit for i, c in enumerate(cached) if owners >> i & 1)) for owners, size in together.items()]
-    entries = []
-    for c in cached:
-        last = c.last_used if c.last_used is not None else _mtime(store.meta_path(c.commit), now)
-        extra = c.bytes if store.site.link == "copy" else 0
-        entries.append(
-            EntryState(
-                commit=c.commit,
-                dataset=c.dataset,
-                bytes=c.bytes,
-                exclusive_bytes=exclusive.get(c.commit, 0) + extra,
-                last_used=last,
-                pinned=leasemod.is_pinned(store, c.commit),
-                leased=bool(leasemod.live_leases(store, c.commit, now)),
-            )
-        )
-    usage = store.object_bytes()[1] + (sum(c.bytes for c in cached) if store.site.link == "copy" else 0)
+    copies = store.site.link == "copy"
+    entries = [entry_state(store, c, now=now, exclusive_bytes=exclusive.get(c.commit, 0) + (c.bytes if copies else 0)) for c in cached]
+    usage = store.object_bytes()[1] + (sum(c.bytes for c in cached) if copies else 0)
     return entries, usage, shared
+
+
+def plan(
+    store: SiteStore,
+    *,
+    now: float,
+    only: Iterable[str] | None = None,
+    expired_only: bool = False,
+    need_bytes: int = 0,
+    keep: set[bytes] | None = None,
+) -> EvictionPlan:
+    """What an eviction at ``store`` would remove, and why; nothing is changed.
+
+    ``only``: exactly those commit ids. Otherwise expired entries, then (unless
+    ``expired_only``) least recently used ones while the site is over its quota or free-space
+    floor, or lacks ``need_bytes`` for an admission (``keep``: content it will reuse).
+    """
+    entries, usage, shared = gather(store, now=now, keep=keep)
+    fs = fs_space(store.root)
+    return plan_eviction(
+        entries, store.site, now=now, usage=usage, fs_free=fs["fs_free"], fs_total=fs["fs_total"], need_bytes=need_bytes,
+        capacity=not expired_only, only=list(only) if only is not None else None, shared=shared,
+    )  # fmt: skip
+
+
+def plan_purge(store: SiteStore, commit_id: str, *, now: float) -> EvictionPlan:
+    """The removal of a purged commit from a site: pins notwithstanding (an empty plan if absent)."""
+    found = next((c for c in store.cached() if c.commit == commit_id), None) if store.is_cached(commit_id) else None
+    if found is None:
+        return EvictionPlan((), (), 0, 0, None, 0, now)
+    entry = entry_state(store, found, now=now, exclusive_bytes=found.bytes)
+    return EvictionPlan((Eviction(entry, "purged"),), (), found.bytes, 0, None, 0, now)
 
 
 def _mtime(path: Path, default: float) -> float:
@@ -264,41 +312,120 @@ class EvictionResult:
 
 
 def execute(store: SiteStore, plan: EvictionPlan, *, keep: set[bytes] | None = None, own_lock: Path | None = None) -> EvictionResult:
-    """Carry out a plan with the unpublish/re-check/restore protocol, then collect garbage."""
+    """Carry out a plan with the unpublish/re-check/restore protocol, then collect garbage.
+
+    A ``purged`` eviction is not re-checked (an erased commit goes even if read meanwhile);
+    its pin is removed, and the content it referenced is collected whatever its age.
+    """
     done: list[Eviction] = []
     restored: list[str] = []
+    doomed: set[bytes] = set()
     for ev in plan.evict:
         cid = ev.entry.commit
+        purged = ev.reason == "purged"
         marker = mark_evicting(store, cid)
-        if marker is None:
+        if marker is None and not purged:
             continue  # another evictor is on it
         try:
-            if _used_since(store, cid, ev.entry.last_used, plan.now) or leasemod.live_leases(store, cid):
+            if not purged and (_used_since(store, cid, ev.entry.last_used, plan.now) or leasemod.live_leases(store, cid)):
                 restored.append(cid)  # a reader arrived after the plan: keep the tree
                 continue
-            trash = store.root / "trash" / f"{cid}.{unique_suffix()}"
-            trash.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.rename(store.commit_path(cid), trash)
-            except FileNotFoundError:
+            if purged:
+                doomed |= _content_of(store, ev.entry.manifest)
+            trash = store.unpublish(cid)
+            if trash is None:
                 continue  # someone else evicted it
             store.meta_path(cid).unlink(missing_ok=True)
             store.used_path(cid).unlink(missing_ok=True)
+            if purged:
+                leasemod.unpin(store, cid)
         finally:
-            marker.unlink(missing_ok=True)
+            if marker is not None:
+                marker.unlink(missing_ok=True)
         remove_tree(trash)
         done.append(ev)
-    objects, nbytes = gc(store, keep=keep, own_lock=own_lock)
+    objects, nbytes = gc(store, keep=keep, own_lock=own_lock, doomed=doomed or None)
     return EvictionResult(tuple(done), tuple(restored), objects, nbytes)
 
 
-def marker_path(store: SiteStore, commit_id: str) -> Path:
-    return store.root / "evicting" / commit_id
+def _content_of(store: SiteStore, manifest_id: str) -> set[bytes]:
+    try:
+        return {bytes.fromhex(e.sha256) for e in read_manifest(store.manifest_path(manifest_id), validate=False)}
+    except (FileNotFoundError, ValueError):
+        return set()
+
+
+def record(ctx: Context, store: SiteStore, result: EvictionResult, reason: str | None = None) -> None:
+    """Forget the evicted entries in the catalog and audit every removal (``reason`` overrides the plan's)."""
+    catalog = ctx.catalog
+    with catalog.transaction():
+        for ev in result.evicted:
+            catalog.remove_cache_entry(store.site.name, ev.entry.commit)
+            ctx.events.audit(
+                "evict", dataset=ev.entry.dataset, commit=ev.entry.commit, site=store.site.name, reason=reason or ev.reason, bytes=ev.entry.bytes
+            )
+        for cid in result.restored:
+            ctx.events.audit("evict-abandoned", commit=cid, site=store.site.name, reason="used or leased during eviction")
+        if result.gc_objects:
+            ctx.events.audit("gc", site=store.site.name, objects=result.gc_objects, bytes=result.gc_bytes)
+
+
+def apply(
+    ctx: Context, store: SiteStore, plan: EvictionPlan, *, reason: str | None = None, keep: set[bytes] | None = None, own_lock: Path | None = None
+) -> EvictionResult:
+    """Execute ``plan`` and record it: the one way every eviction is carried out."""
+    result = execute(store, plan, keep=keep, own_lock=own_lock)
+    record(ctx, store, result, reason)
+    return result
+
+
+def run(
+    ctx: Context,
+    store: SiteStore,
+    *,
+    only: Iterable[str] | None = None,
+    expired_only: bool = False,
+    dry_run: bool = False,
+    now: float | None = None,
+    reason: str | None = None,
+) -> tuple[EvictionPlan, EvictionResult | None]:
+    """Plan and (unless ``dry_run``) carry out an eviction at a site, with its hooks; audited.
+
+    With ``only`` (commit ids): exactly those entries, refusing pinned, leased or just-used
+    ones (ConflictError, nothing removed). Without: expired entries, then least recently used
+    ones while the site is over its quota or free-space floor. Leases of dead holders are
+    reaped first, and garbage collected first (so capacity is judged on what entries hold).
+    """
+    from . import audit
+    from .errors import ConflictError
+
+    now = ctx.now() if now is None else now
+    if not dry_run:
+        for dead in leasemod.reap(store, now):
+            ctx.events.audit(
+                "lease-reap", commit=dead.commit, site=store.site.name, lease=dead.id, host=dead.host, pid=dead.pid, reason="holder gone"
+            )
+        if only is None:
+            gc(store)
+    the_plan = plan(store, now=now, only=only, expired_only=expired_only)
+    if not dry_run and the_plan.evict:
+        ctx.events.hook("pre_evict", site=store.site.name, commits=[e.entry.commit for e in the_plan.evict])
+    if only is not None:
+        refused = [f"{e.dataset}@{e.commit[:12]} ({why})" for e, why in the_plan.kept]
+        if refused:
+            raise ConflictError(f"not evicting {', '.join(refused)}: unpin it, or wait for its users to finish")
+    if dry_run:
+        return the_plan, None
+    result = apply(ctx, store, the_plan, reason=reason)
+    if result.evicted:
+        ctx.events.hook("post_evict", site=store.site.name, commits=[e.entry.commit for e in result.evicted])
+        audit.ship_quietly(ctx)
+    return the_plan, result
 
 
 def mark_evicting(store: SiteStore, commit_id: str) -> Path | None:
     """Create the eviction marker (atomic create); None if another evictor holds it."""
-    path = marker_path(store, commit_id)
+    path = store.evicting_path(commit_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         atomic_write(path, f"{HOST} {os.getpid()} {time.time():.3f}\n".encode(), exclusive=True, durable=False)
@@ -312,7 +439,9 @@ def mark_evicting(store: SiteStore, commit_id: str) -> Path | None:
 
 def wait_while_evicting(store: SiteStore, commit_id: str, *, timeout: float = 120.0) -> None:
     """Block while an eviction of ``commit_id`` is deciding or removing (a reader's step 1)."""
-    path = marker_path(store, commit_id)
+    path = store.evicting_path(commit_id)
+    if not path.exists():
+        return
     deadline = time.monotonic() + timeout
     while path.exists() and time.monotonic() < deadline:
         if lock_is_stale(path):
@@ -326,115 +455,6 @@ def _used_since(store: SiteStore, commit_id: str, planned_last_use: float, plan_
     if last is None:
         return False
     return last > planned_last_use + 1e-6 and last >= plan_time - RECENT_USE_SLACK
-
-
-def gc(
-    store: SiteStore,
-    *,
-    now: float | None = None,
-    dry_run: bool = False,
-    keep: set[bytes] | None = None,
-    own_lock: Path | None = None,
-    doomed: set[bytes] | None = None,
-) -> tuple[int, int]:
-    """Remove content objects (and manifests) no cached commit references; return (count, bytes).
-
-    ``keep`` is content a build in progress needs (admission passes the new commit's). The
-    content of every build in progress at the site is kept too: each build lock names the
-    build's manifest, whose copy is at the site before the lock is taken, and the locks are
-    looked at again before each removal. Objects younger than GC_MIN_AGE are also kept while
-    *another* build lock is held (a builder of an older version names no manifest).
-    ``doomed`` content (a purged commit's) goes whatever its age, unless a cached commit
-    still references it. Use markers of commits that are no longer cached are removed too.
-    """
-    now = time.time() if now is None else now
-    referenced: set[bytes] = set(keep or ())
-    manifests: set[str] = set()
-
-    def index() -> set[str]:
-        names = set()
-        for c in store.cached():
-            names.add(c.commit)
-            manifests.add(c.manifest)
-            for entry in read_manifest(store.manifest_path(c.manifest), validate=False):
-                referenced.add(bytes.fromhex(entry.sha256))
-        return names
-
-    published = index()
-    seen_builds: set[str] = set()
-    locks_dir = store.root / "locks"
-
-    def index_builds() -> set[str]:
-        """Keep the content of every build in progress here (its lock names its manifest).
-
-        Returns the lock names looked at (stale ones too), listed before the locks were read.
-        """
-        names = lock_names()
-        building = store.building()
-        for manifest_id in set(building.values()) - seen_builds - {""}:
-            seen_builds.add(manifest_id)
-            try:
-                for entry in read_manifest(store.manifest_path(manifest_id), validate=False):
-                    referenced.add(bytes.fromhex(entry.sha256))
-            except FileNotFoundError:  # a builder of an older version: the age rule below covers it
-                continue
-            manifests.add(manifest_id)
-        return names
-
-    def lock_names() -> set[str]:
-        try:
-            return {name for name in os.listdir(locks_dir) if name.endswith(".lock")}
-        except FileNotFoundError:
-            return set()
-
-    builds = index_builds()
-    started = time.time()
-
-    def other_builder() -> bool:
-        return bool(lock_names() - {own_lock.name if own_lock is not None else None})
-
-    count = total = 0
-    for dirpath, _dirs, files in os.walk(store.root / "objects"):
-        for name in files:
-            try:
-                key = bytes.fromhex(name)
-            except ValueError:
-                continue
-            if key in referenced:
-                continue
-            path = os.path.join(dirpath, name)
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:
-                continue
-            if not (doomed and key in doomed):
-                if st.st_mtime >= started:
-                    continue  # arrived while this gc ran: surely some build's
-                if now - st.st_mtime < GC_MIN_AGE:
-                    if other_builder():
-                        continue
-                    current = set(os.listdir(store.root / "commits"))
-                    if current != published:  # a build published meanwhile: look again
-                        published = index()
-                        if key in referenced:
-                            continue
-            if lock_names() - builds:  # a build started meanwhile: keep what it needs
-                builds = index_builds()
-                if key in referenced:
-                    continue
-            if not dry_run:
-                os.unlink(path)
-            count += 1
-            total += st.st_size
-    if not dry_run:
-        for path in (store.root / "manifests").glob("*/*.tsv.gz"):
-            if path.name[: -len(".tsv.gz")] not in manifests:
-                path.unlink(missing_ok=True)
-        used = store.root / "used"
-        for marker in used.iterdir() if used.exists() else ():
-            if not store.is_cached(marker.name) and now - _mtime(marker, now) > store.site.grace:
-                marker.unlink(missing_ok=True)
-    return count, total
 
 
 def describe(plan: EvictionPlan) -> dict:

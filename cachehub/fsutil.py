@@ -6,9 +6,15 @@ import hashlib
 import os
 import socket
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 HOST = socket.gethostname()
+
+
+def now_iso() -> str:
+    """Now, in UTC, as the ISO 8601 text every document and audit event carries."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def unique_suffix() -> str:

@@ -23,7 +23,6 @@ BATCH = 20_000
 class HashCache:
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
-        self.conn = catalog.conn
         self.fresh: list[tuple] = []
         self.hits = 0
         self.misses = 0
@@ -47,9 +46,7 @@ class HashCache:
         backwards, or a flush of new rows, starts a fresh cursor at the path asked for.
         """
         if self._rows is None or (self._last is not None and path < self._last):
-            self._rows = self.conn.execute(
-                "SELECT path, ino, size, mtime_ns, ctime_ns, sha256 FROM hash_cache WHERE path >= ? ORDER BY path", (path,)
-            )
+            self._rows = self.catalog.hash_rows_from(path)
             self._row = next(self._rows, None)
         self._last = path
         while self._row is not None and self._row[0] < path:
@@ -69,6 +66,5 @@ class HashCache:
         self._rows = self._row = None  # never read on through a table being written
         if not self.fresh:
             return
-        with self.catalog.transaction():
-            self.conn.executemany("INSERT OR REPLACE INTO hash_cache VALUES (?,?,?,?,?,?)", self.fresh)
+        self.catalog.save_hashes(self.fresh)
         self.fresh.clear()

@@ -1,14 +1,21 @@
 """The lake format: the system of record, laid out so that it describes itself.
 
-::
+This module is the one owner of every key in the lake and of every document type stored there.
+No other module spells a key or reads a document's bytes::
 
-    cachehub-lake.json                         {"format": "cachehub-lake", "format_version": 1}
-    objects/sha256/<aa>/<sha256>               file content, addressed by the SHA-256 of its bytes
-    manifests/sha256/<aa>/<sha256>.tsv.gz      manifests, addressed by the SHA-256 of their text
-    datasets/<name>/commits/<commit-id>.json   commit metadata; commit-id = SHA-256 of the file
-    datasets/<name>/tags/<tag>.json            {"commit": <commit-id>, ...}, moved by CAS
+    cachehub-lake.json                           {"format": "cachehub-lake", "format_version": 1}
+    objects/sha256/<aa>/<sha256>                 file content, addressed by the SHA-256 of its bytes
+    chunks/sha256/<aa>/<sha256>                  chunk map of a large object (gzip text, chunks.py)
+    manifests/sha256/<aa>/<sha256>.tsv.gz        manifests, addressed by the SHA-256 of their text
+    datasets/<name>/commits/<commit-id>.json     commit metadata; commit-id = SHA-256 of the file
+    datasets/<name>/tags/<tag>.json              {"commit": <commit-id>, ...}, moved by CAS
+    datasets/<name>/tombstones/<commit-id>.json  a purged commit: who, when, why
+    runs/<run-id>.json                           a run: its command, inputs, outputs, status
+    audit/<origin>/<first>-<last>.jsonl          shipped audit events of one catalog, create-only
 
 See docs/lake-format.md. Everything here is plain files and JSON, readable without cachehub.
+Manifests are also kept on local disk once verified (``Lake.manifest``): that cache is part of
+this module too, so nothing else knows where it lives.
 """
 
 from __future__ import annotations
@@ -17,14 +24,14 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 from cachehub.backends import Backend
 
+from . import chunks
 from .errors import ConflictError, FormatError, IntegrityError, LakeError
-from .fsutil import HOST, unique_suffix
-from .model import Commit, Tag
+from .fsutil import HOST, now_iso, unique_suffix
+from .model import Commit, Tag, Tombstone
 
 LAKE_FORMAT = "cachehub-lake"
 LAKE_FORMAT_VERSION = 1
@@ -32,6 +39,8 @@ COMMIT_FORMAT = "cachehub-commit"
 COMMIT_FORMAT_VERSION = 1
 TAG_FORMAT = "cachehub-tag"
 TAG_FORMAT_VERSION = 1
+TOMBSTONE_FORMAT = "cachehub-tombstone"
+RUN_FORMAT = "cachehub-run"
 MARKER = "cachehub-lake.json"
 
 
@@ -40,8 +49,13 @@ def canonical_json(value: object) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+# -- keys ------------------------------------------------------------------------------------
 def object_key(sha256: str) -> str:
     return f"objects/sha256/{sha256[:2]}/{sha256}"
+
+
+def chunk_map_key(sha256: str) -> str:
+    return f"chunks/sha256/{sha256[:2]}/{sha256}"
 
 
 def manifest_key(manifest_id: str) -> str:
@@ -56,27 +70,61 @@ def tag_key(dataset: str, tag: str) -> str:
     return f"datasets/{dataset}/tags/{tag}.json"
 
 
-def now_iso() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+def tombstone_key(dataset: str, commit_id: str) -> str:
+    return f"datasets/{dataset}/tombstones/{commit_id}.json"
+
+
+def run_key(run_id: str) -> str:
+    return f"runs/{run_id}.json"
+
+
+def audit_batch_key(origin: str, first: int, last: int) -> str:
+    return f"audit/{origin}/{first:012d}-{last:012d}.jsonl"
+
+
+# -- documents -------------------------------------------------------------------------------
+def commit_document(
+    *,
+    dataset: str,
+    manifest: str,
+    files: int,
+    bytes: int,  # noqa: A002 - the document's field name
+    parents: list[str] | tuple[str, ...],
+    author: str,
+    host: str,
+    message: str,
+    created: str,
+    derived_from: list[str] | tuple[str, ...] = (),
+    transform: str | None = None,
+    run: str | None = None,
+) -> dict:
+    """The body of a commit document; its canonical JSON's SHA-256 is the commit id."""
+    body = {
+        "format": COMMIT_FORMAT,
+        "format_version": COMMIT_FORMAT_VERSION,
+        "dataset": dataset,
+        "manifest": manifest,
+        "files": files,
+        "bytes": bytes,
+        "parents": list(parents),
+        "author": author,
+        "host": host,
+        "message": message,
+        "created": created,
+        "derived_from": list(derived_from),
+        "transform": transform,
+    }
+    if run:
+        body["run"] = run  # optional key: commits without it keep the ids they always had
+    return body
 
 
 def commit_body(commit: Commit) -> dict:
-    return {
-        "format": COMMIT_FORMAT,
-        "format_version": COMMIT_FORMAT_VERSION,
-        "dataset": commit.dataset,
-        "manifest": commit.manifest,
-        "files": commit.files,
-        "bytes": commit.bytes,
-        "parents": list(commit.parents),
-        "author": commit.author,
-        "host": commit.host,
-        "message": commit.message,
-        "created": commit.created,
-        "derived_from": list(commit.derived_from),
-        "transform": commit.transform,
-        **({"run": commit.run} if commit.run else {}),
-    }
+    return commit_document(
+        dataset=commit.dataset, manifest=commit.manifest, files=commit.files, bytes=commit.bytes, parents=commit.parents,
+        author=commit.author, host=commit.host, message=commit.message, created=commit.created,
+        derived_from=commit.derived_from, transform=commit.transform, run=commit.run,
+    )  # fmt: skip
 
 
 def commit_from_bytes(data: bytes, *, expected_id: str | None = None) -> Commit:
@@ -115,13 +163,30 @@ def _check_format(body: object, name: str, version: int, what: str) -> None:
         )
 
 
-class Lake:
-    """Reads and writes the lake format through one backend."""
+# the fields of an audit event that its hash covers (with the previous event's hash)
+EVENT_FIELDS = ("time", "user", "host", "action", "dataset", "commit", "ref", "site", "details")
 
-    def __init__(self, backend: Backend) -> None:
+
+def audit_wire(event: dict) -> dict:
+    """An audit event as it is shipped: its fields, its chain position and its hashes."""
+    return {**{k: event[k] for k in EVENT_FIELDS}, "origin": event["origin"], "seq": event["origin_seq"], "prev": event["prev"], "hash": event["hash"]}
+
+
+class Lake:
+    """Reads and writes the lake format through one backend.
+
+    ``manifest_cache`` is the local directory of verified manifest copies (``Lake.manifest``);
+    without one, manifests are verified into a temporary directory on every call.
+    """
+
+    def __init__(self, backend: Backend, manifest_cache: Path | None = None) -> None:
         self.backend = backend
         self.url = backend.url
+        self.manifest_cache = manifest_cache
         self._checked = False
+
+    def close(self) -> None:
+        self.backend.close()
 
     # -- the marker --------------------------------------------------------------------------
     def ensure_initialised(self) -> None:
@@ -171,17 +236,27 @@ class Lake:
             raise IntegrityError(f"commit {commit_id} under datasets/{dataset}/ says it belongs to {commit.dataset!r}")
         return commit
 
+    def delete_commit(self, dataset: str, commit_id: str) -> None:
+        self.backend.delete(commit_key(dataset, commit_id))
+
     def commit_ids(self, dataset: str) -> list[str]:
-        prefix = f"datasets/{dataset}/commits/"
-        out = []
-        for key in self.backend.list(prefix):
-            name = key.rsplit("/", 1)[-1]
-            if name.endswith(".json"):
-                out.append(name[: -len(".json")])
-        return out
+        return self._names(f"datasets/{dataset}/commits/")
 
     def datasets(self) -> list[str]:
         return self.backend.list_dirs("datasets")
+
+    def iter_commits(self, dataset: str) -> Iterator[Commit]:
+        for commit_id in self.commit_ids(dataset):
+            yield self.read_commit(dataset, commit_id)
+
+    def _names(self, prefix: str, suffix: str = ".json") -> list[str]:
+        """The names (without ``suffix``) of the documents directly under ``prefix``."""
+        out = []
+        for key in self.backend.list(prefix):
+            name = key.rsplit("/", 1)[-1]
+            if name.endswith(suffix):
+                out.append(name[: -len(suffix)])
+        return out
 
     # -- tags --------------------------------------------------------------------------------
     def read_tag(self, dataset: str, tag: str) -> tuple[str, str] | None:
@@ -196,13 +271,10 @@ class Lake:
 
     def tags(self, dataset: str) -> list[Tag]:
         out = []
-        for key in self.backend.list(f"datasets/{dataset}/tags/"):
-            name = key.rsplit("/", 1)[-1]
-            if not name.endswith(".json"):
-                continue
-            found = self.read_tag(dataset, name[: -len(".json")])
+        for name in self._names(f"datasets/{dataset}/tags/"):
+            found = self.read_tag(dataset, name)
             if found:
-                out.append(Tag(dataset, name[: -len(".json")], found[0]))
+                out.append(Tag(dataset, name, found[0]))
         return out
 
     def write_tag(self, dataset: str, tag: str, commit_id: str, *, author: str, expect: str | None | bool) -> str:
@@ -233,9 +305,65 @@ class Lake:
             return self.backend.write(key, data, if_match=current[1])
         return self.backend.write(key, data, if_match=expect)
 
-    # -- manifests and objects ---------------------------------------------------------------
-    def fetch_manifest(self, manifest_id: str, cache_dir: Path) -> Path:
-        """A local copy of a manifest, verified and validated (downloaded once into ``cache_dir``).
+    def delete_tag(self, dataset: str, tag: str) -> None:
+        self.backend.delete(tag_key(dataset, tag))
+
+    # -- tombstones --------------------------------------------------------------------------
+    def write_tombstone(self, tombstone: Tombstone) -> None:
+        body = {
+            "format": TOMBSTONE_FORMAT,
+            "format_version": 1,
+            "dataset": tombstone.dataset,
+            "commit": tombstone.commit,
+            "reason": tombstone.reason,
+            "purged_by": tombstone.purged_by,
+            "host": tombstone.host,
+            "purged": tombstone.purged,
+        }
+        self.backend.write(tombstone_key(tombstone.dataset, tombstone.commit), canonical_json(body))
+
+    def tombstones(self, dataset: str) -> list[Tombstone]:
+        out = []
+        for commit_id in self._names(f"datasets/{dataset}/tombstones/"):
+            body = json.loads(self.backend.read(tombstone_key(dataset, commit_id))[0])
+            out.append(Tombstone(body["commit"], body["dataset"], body["reason"], body["purged_by"], body["purged"], body.get("host", "")))
+        return out
+
+    # -- runs --------------------------------------------------------------------------------
+    def write_run(self, record: dict) -> None:
+        """Write (or rewrite: a run's document follows its life) ``runs/<id>.json``."""
+        self.backend.write(run_key(record["id"]), canonical_json({"format": RUN_FORMAT, "format_version": 1, **record}))
+
+    def runs(self) -> list[dict]:
+        return [json.loads(self.backend.read(run_key(run_id))[0]) for run_id in self._names("runs/")]
+
+    # -- the audit trail ---------------------------------------------------------------------
+    def write_audit_batch(self, origin: str, events: list[dict]) -> str:
+        """Ship one catalog's events (in chain order) as one create-only object; return its key.
+
+        ConflictError if the key exists: shipped history is never overwritten.
+        """
+        key = audit_batch_key(origin, events[0]["origin_seq"], events[-1]["origin_seq"])
+        lines = b"".join(canonical_json(audit_wire(e)) + b"\n" for e in events)
+        self.backend.write(key, lines, if_none_match=True)
+        return key
+
+    def audit_events(self) -> Iterator[dict]:
+        """Every shipped audit event (wire form), batch by batch in key order."""
+        for key in sorted(k for k in self.backend.list("audit/") if k.endswith(".jsonl")):
+            data, _ = self.backend.read(key)
+            for line in data.splitlines():
+                if line.strip():
+                    yield json.loads(line)
+
+    # -- manifests ---------------------------------------------------------------------------
+    def _cached_manifest(self, manifest_id: str) -> Path | None:
+        if self.manifest_cache is None:
+            return None
+        return self.manifest_cache / manifest_id[:2] / f"{manifest_id}.tsv.gz"
+
+    def manifest(self, manifest_id: str) -> Path:
+        """A local copy of a manifest, verified and validated (downloaded once into the cache).
 
         The copy enters the cache (one rename) only once its text hashes to ``manifest_id``
         and every line has passed validation (hash shape, size, path safety, order), so
@@ -243,7 +371,11 @@ class Lake:
         """
         from .manifest import manifest_id_of_file, validate_manifest_file
 
-        path = cache_dir / manifest_id[:2] / f"{manifest_id}.tsv.gz"
+        path = self._cached_manifest(manifest_id)
+        if path is None:
+            import tempfile
+
+            path = Path(tempfile.mkdtemp(prefix="cachehub-manifests-")) / f"{manifest_id}.tsv.gz"
         if path.exists():
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -264,6 +396,53 @@ class Lake:
             tmp.unlink(missing_ok=True)
         return path
 
-    def iter_commits(self, dataset: str) -> Iterator[Commit]:
-        for commit_id in self.commit_ids(dataset):
-            yield self.read_commit(dataset, commit_id)
+    def put_manifest(self, manifest_id: str, local: Path) -> None:
+        """Upload a manifest written here (if the lake lacks it) and keep it as the verified copy.
+
+        ``local`` is moved into the local cache: it was written from entries this process
+        validated and hashed, so it is as good as a verified download.
+        """
+        key = manifest_key(manifest_id)
+        if not self.backend.exists(key):
+            self.backend.write(key, local.read_bytes())
+        cached = self._cached_manifest(manifest_id)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(local, cached)
+
+    def delete_manifest(self, manifest_id: str) -> None:
+        """Remove a manifest from the lake and from the local cache."""
+        self.backend.delete(manifest_key(manifest_id))
+        cached = self._cached_manifest(manifest_id)
+        if cached is not None:
+            cached.unlink(missing_ok=True)
+
+    # -- content objects and their chunk maps (the data path) --------------------------------
+    def delete_object(self, sha256: str) -> None:
+        self.backend.delete(object_key(sha256))
+
+    async def aobject_exists(self, sha256: str) -> bool:
+        return await self.backend.aexists(object_key(sha256))
+
+    async def aget_object(self, sha256: str) -> object:
+        return await self.backend.aget(object_key(sha256))
+
+    async def aget_object_range(self, sha256: str, start: int, end: int) -> object:
+        return await self.backend.aget_range(object_key(sha256), start, end)
+
+    async def aput_object(self, sha256: str, data: object) -> None:
+        await self.backend.aput(object_key(sha256), data, sha256=sha256)  # type: ignore[arg-type]
+
+    async def aput_object_if_absent(self, sha256: str, data: object) -> bool:
+        return await self.backend.aput_if_absent(object_key(sha256), data, sha256=sha256)  # type: ignore[arg-type]
+
+    def read_chunk_map(self, sha256: str, *, size: int) -> chunks.ChunkMap:
+        """The chunk map of a large object; FileNotFoundError if it has none, FormatError if damaged."""
+        return chunks.decode(self.backend.read(chunk_map_key(sha256))[0], size=size)
+
+    async def ahas_chunk_map(self, sha256: str) -> bool:
+        return await self.backend.aexists(chunk_map_key(sha256))
+
+    async def aput_chunk_map(self, sha256: str, chunk_map: chunks.ChunkMap) -> None:
+        blob = chunks.encode(chunk_map)
+        await self.backend.aput(chunk_map_key(sha256), blob, sha256=hashlib.sha256(blob).hexdigest())

@@ -1,6 +1,6 @@
 """Leases and pins: claims on cache entries that every host sharing the site root can see.
 
-A lease is a file ``<root>/leases/<commit-id>/<lease-id>.json`` written by a running job; its
+A lease is a file ``<root>/leases/<commit-id>/<lease-id>.json`` (``SiteStore.lease_dir``) written by a running job; its
 mtime is its heartbeat, renewed from a background thread. It is *live* while its holder is a
 live process on this host, or (holder on another host) while its heartbeat is younger than
 its timeout. A dead lease is reaped (removed and audited) by eviction sweeps.
@@ -49,14 +49,6 @@ class LeaseInfo:
         return (now if now is not None else time.time()) - self.heartbeat <= self.timeout
 
 
-def lease_dir(store: SiteStore, commit_id: str) -> Path:
-    return store.root / "leases" / commit_id
-
-
-def pin_path(store: SiteStore, commit_id: str) -> Path:
-    return store.root / "pins" / f"{commit_id}.json"
-
-
 class Lease:
     """A held lease with a heartbeat thread; release() (or the with-block's end) drops it."""
 
@@ -64,7 +56,7 @@ class Lease:
         self.store = store
         self.commit = commit_id
         self.id = f"{HOST}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
-        self.path = lease_dir(store, commit_id) / f"{self.id}.json"
+        self.path = store.lease_dir(commit_id) / f"{self.id}.json"
         self.timeout = timeout
         self.path.parent.mkdir(parents=True, exist_ok=True)
         body = {
@@ -107,7 +99,7 @@ class Lease:
 
 def leases(store: SiteStore, commit_id: str | None = None) -> list[LeaseInfo]:
     """Every lease file at the site (or of one commit), live or not."""
-    base = store.root / "leases"
+    base = store.leases_dir
     dirs = [base / commit_id] if commit_id else (sorted(p for p in base.iterdir() if p.is_dir()) if base.exists() else [])
     out = []
     for d in dirs:
@@ -159,7 +151,7 @@ def reap(store: SiteStore, now: float | None = None) -> list[LeaseInfo]:
 
 def pin(store: SiteStore, commit_id: str, *, user: str, reason: str = "") -> bool:
     """Pin an entry; False if it was already pinned."""
-    path = pin_path(store, commit_id)
+    path = store.pin_path(commit_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     body = {"format_version": 1, "commit": commit_id, "user": user, "host": HOST, "pinned": now_iso(), "reason": reason}
     try:
@@ -170,11 +162,11 @@ def pin(store: SiteStore, commit_id: str, *, user: str, reason: str = "") -> boo
 
 
 def unpin(store: SiteStore, commit_id: str) -> bool:
-    path = pin_path(store, commit_id)
+    path = store.pin_path(commit_id)
     existed = path.exists()
     path.unlink(missing_ok=True)
     return existed
 
 
 def is_pinned(store: SiteStore, commit_id: str) -> bool:
-    return pin_path(store, commit_id).exists()
+    return store.pin_path(commit_id).exists()

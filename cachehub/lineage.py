@@ -48,28 +48,24 @@ class Graph:
 def build(catalog: Catalog) -> Graph:
     """The whole lineage graph known to the catalog."""
     g = Graph()
-    for cid, dataset, parents, derived, transform, created, author in catalog.conn.execute(
-        "SELECT id, dataset, parents, derived_from, transform, created, author FROM commits"
-    ):
+    for cid, dataset, parents, derived, transform, created, author in catalog.commit_edges():
         node = f"commit:{cid}"
         g.nodes[node] = {"kind": "commit", "dataset": dataset, "commit": cid, "created": created, "author": author}
         for p in json.loads(parents):
             g.edges.append(Edge(node, f"commit:{p}", "parent"))
         for d in json.loads(derived or "[]"):
             g.edges.append(Edge(node, f"commit:{d}", "derived-from", transform))
-    for cid, dataset, reason, user, when in catalog.conn.execute("SELECT commit_id, dataset, reason, user, time FROM tombstones"):
-        g.nodes[f"commit:{cid}"] = {"kind": "commit", "dataset": dataset, "commit": cid, "purged": when, "reason": reason, "by": user}
-    for rid, user, host, status, started, command in catalog.conn.execute("SELECT id, user, host, status, started, command FROM runs"):
+    for t in catalog.tombstones():
+        g.nodes[f"commit:{t.commit}"] = {"kind": "commit", "dataset": t.dataset, "commit": t.commit, "purged": t.purged, "reason": t.reason, "by": t.purged_by}
+    for rid, user, host, status, started, command in catalog.runs():
         g.nodes[f"run:{rid}"] = {"kind": "run", "run": rid, "user": user, "host": host, "status": status, "started": started, "command": command}
-    for rid, dataset, cid, ref, site in catalog.conn.execute("SELECT run_id, dataset, commit_id, ref, site FROM run_inputs"):
+    for rid, dataset, cid, ref, _site in catalog.run_inputs():
         g.nodes.setdefault(f"run:{rid}", {"kind": "run", "run": rid})
         g.edges.append(Edge(f"run:{rid}", f"commit:{cid}", "used", f"{dataset}@{ref}" if ref else None))
-    for rid, _dataset, cid in catalog.conn.execute("SELECT run_id, dataset, commit_id FROM run_outputs"):
+    for rid, _dataset, cid in catalog.run_outputs():
         g.nodes.setdefault(f"run:{rid}", {"kind": "run", "run": rid})
         g.edges.append(Edge(f"commit:{cid}", f"run:{rid}", "produced-by"))
-    for i, (cid, dataset, path, host, user, when) in enumerate(
-        catalog.conn.execute("SELECT commit_id, dataset, path, host, user, time FROM restores ORDER BY time")
-    ):
+    for i, (cid, dataset, path, host, user, when) in enumerate(catalog.restores()):
         node = f"restore:{i}"
         g.nodes[node] = {"kind": "restore", "path": path, "host": host, "user": user, "time": when, "dataset": dataset}
         g.edges.append(Edge(node, f"commit:{cid}", "restored-from"))

@@ -21,31 +21,64 @@ import hashlib
 import os
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
-
-from . import chunks
+from . import audit, chunks, index, tags
+from .context import Context
 from .errors import ConflictError, IntegrityError
-from .fsutil import HOST, unique_suffix
+from .fsutil import unique_suffix
 from .hashcache import HashCache
-from .lake import COMMIT_FORMAT, COMMIT_FORMAT_VERSION, manifest_key, now_iso, object_key
+from .lake import Lake, commit_document, now_iso
+from .lanes import run
 from .manifest import ManifestWriter, read_manifest
 from .model import Commit, ManifestEntry, PushResult
 from .progress import NULL, Progress
 from .refs import validate_dataset_name, validate_tag_name
 from .scan import hash_files, walk
 from .store import sweep_dead_entries
-from .transfer import run
-
-if TYPE_CHECKING:
-    from .api import Hub
 
 SMALL_FILE = 4 * 1024 * 1024
 RECENT = 65_536  # contents remembered to skip duplicates within one push
 BIG_FILES_IN_FLIGHT = 4  # files above SMALL_FILE read into memory at once (memory: 4 x the largest)
 
 
-def push(
-    hub: Hub,
+def push(ctx: Context, directory: str | os.PathLike[str], dataset: str, **options: object) -> PushResult:
+    """Publish ``directory`` with the push hooks around it, then ship the audit trail."""
+    ctx.events.hook("pre_push", dataset=dataset, directory=str(directory))
+    result = publish(ctx, directory, dataset, **options)  # type: ignore[arg-type]
+    ctx.events.hook("post_push", dataset=dataset, directory=str(directory), commit=result.commit, created=result.created)
+    audit.ship_quietly(ctx)
+    return result
+
+
+def snapshot(
+    ctx: Context,
+    directory: str | os.PathLike[str],
+    dataset: str,
+    *,
+    message: str = "",
+    run: str | None = None,
+    derived_from: tuple[str, ...] = (),
+    tag: str | None = None,
+    progress: Progress = NULL,
+) -> PushResult:
+    """A new commit from a working directory, re-hashing only files changed since last seen."""
+    ctx.events.hook("pre_snapshot", dataset=dataset, directory=str(directory), run=run)
+    result = publish(
+        ctx, directory, dataset, message=message or f"snapshot of {directory}", derived_from=derived_from, tag=tag, progress=progress, run=run
+    )
+    catalog = ctx.catalog
+    if run and result.commit:
+        catalog.add_run_output(run, dataset, result.commit)
+    ctx.events.audit(
+        "snapshot", dataset=dataset, commit=result.commit, directory=str(os.path.abspath(directory)), run=run,
+        created=result.created, hashed_files=result.hashed_files, uploaded_files=result.uploaded_files,
+    )  # fmt: skip
+    ctx.events.hook("post_snapshot", dataset=dataset, directory=str(directory), commit=result.commit, run=run)
+    audit.ship_quietly(ctx)
+    return result
+
+
+def publish(
+    ctx: Context,
     directory: str | os.PathLike[str],
     dataset: str,
     *,
@@ -66,67 +99,51 @@ def push(
         validate_tag_name(tag)
     if not os.path.isdir(directory):
         raise NotADirectoryError(f"{directory} is not a directory; give the folder to publish")
-    jobs = jobs or hub.settings.jobs
-    lake = hub.lake
+    jobs = jobs or ctx.settings.jobs
+    lake = ctx.lake
+    catalog = ctx.catalog
     lake.ensure_initialised()
-    if hub.catalog.has_dataset(dataset) or lake.commit_ids(dataset):
-        hub.refresh(dataset)
-    if tag is not None and not force and hub.catalog.tag(dataset, tag) is not None:
+    if catalog.has_dataset(dataset) or lake.commit_ids(dataset):
+        index.refresh(ctx, dataset)
+    if tag is not None and not force and catalog.tag(dataset, tag) is not None:
         raise ConflictError(
             f"tag {dataset}@{tag} already exists; pick a new tag or pass --force to move it", dataset=dataset, tag=tag
         )
-    parent_commit = hub.resolve_commit(parent) if parent else hub.catalog.latest(dataset)
-    inputs = tuple(hub.resolve_commit(ref).id for ref in derived_from)
+    parent_commit = index.resolve_commit(ctx, parent) if parent else catalog.latest(dataset)
+    inputs = tuple(index.resolve_commit(ctx, ref).id for ref in derived_from)
 
-    tmp = hub.settings.tmp_dir
+    tmp = ctx.settings.tmp_dir
     tmp.mkdir(parents=True, exist_ok=True)
     sweep_dead_entries(tmp)
     manifest_tmp = tmp / f"push-manifest.{unique_suffix()}"
     todo_tmp = tmp / f"push-todo.{unique_suffix()}"
     try:
-        hashes = HashCache(hub.catalog)
+        hashes = HashCache(catalog)
         manifest_id, files, nbytes, candidates = _hash_and_list(
-            hub, directory, parent_commit, manifest_tmp, todo_tmp, progress, hashes
+            lake, directory, parent_commit, manifest_tmp, todo_tmp, progress, hashes
         )
         hashes.save()
         if parent_commit is not None and manifest_id == parent_commit.manifest and not inputs:
             if tag is not None:
-                hub.tag(f"{dataset}@{parent_commit.id}", tag, force=force)
+                tags.tag(ctx, parent_commit, tag, force=force)
             return PushResult(
                 dataset, parent_commit.id, False, files, nbytes, 0, 0, files, nbytes, tag, time.monotonic() - started, hashes.misses
             )
-        uploaded_files, uploaded_bytes = _upload(hub, todo_tmp, candidates, progress, jobs)
-        if not lake.backend.exists(manifest_key(manifest_id)):
-            lake.backend.write(manifest_key(manifest_id), manifest_tmp.read_bytes())
-        cached = hub.settings.manifest_cache / manifest_id[:2] / f"{manifest_id}.tsv.gz"
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(manifest_tmp, cached)
+        uploaded_files, uploaded_bytes = _upload(lake, todo_tmp, candidates, progress, jobs)
+        lake.put_manifest(manifest_id, manifest_tmp)
     finally:
         manifest_tmp.unlink(missing_ok=True)
         todo_tmp.unlink(missing_ok=True)
 
-    fields = {
-        "format": COMMIT_FORMAT,
-        "format_version": COMMIT_FORMAT_VERSION,
-        "dataset": dataset,
-        "manifest": manifest_id,
-        "files": files,
-        "bytes": nbytes,
-        "parents": [parent_commit.id] if parent_commit else [],
-        "author": hub.user,
-        "host": HOST,
-        "message": message,
-        "created": now_iso(),
-        "derived_from": list(inputs),
-        "transform": transform,
-    }
-    if run:
-        fields["run"] = run  # optional key: commits without it keep the ids they always had
-    commit = lake.write_commit(fields)
-    with hub.catalog.transaction():
-        hub.catalog.add_commits([commit])
-        hub.catalog.touch_dataset(dataset)
-        hub.catalog.audit(
+    body = commit_document(
+        dataset=dataset, manifest=manifest_id, files=files, bytes=nbytes, parents=[parent_commit.id] if parent_commit else [],
+        author=ctx.user, host=ctx.host, message=message, created=now_iso(), derived_from=inputs, transform=transform, run=run,
+    )  # fmt: skip
+    commit = lake.write_commit(body)
+    with catalog.transaction():
+        catalog.add_commits([commit])
+        catalog.touch_dataset(dataset)
+        ctx.events.audit(
             "push",
             dataset=dataset,
             commit=commit.id,
@@ -137,10 +154,10 @@ def push(
             parents=list(commit.parents),
             derived_from=list(inputs),
             transform=transform,
-            lake=hub.lake.url,
+            lake=lake.url,
         )
     if tag is not None:
-        hub.tag(f"{dataset}@{commit.id}", tag, force=force)
+        tags.tag(ctx, commit, tag, force=force)
     return PushResult(
         dataset=dataset,
         commit=commit.id,
@@ -158,7 +175,7 @@ def push(
 
 
 def _hash_and_list(
-    hub: Hub,
+    lake: Lake,
     directory: str | os.PathLike[str],
     parent: Commit | None,
     manifest_path: os.PathLike[str],
@@ -173,7 +190,7 @@ def _hash_and_list(
     """
     parent_entries: Iterator[ManifestEntry] = iter(())
     if parent is not None:
-        parent_entries = read_manifest(hub.manifest_path(parent.manifest), validate=False)  # validated on arrival
+        parent_entries = read_manifest(lake.manifest(parent.manifest), validate=False)  # validated on arrival
     prev = next(parent_entries, None)
     writer = ManifestWriter(manifest_path)
     candidates = 0
@@ -200,8 +217,7 @@ def _hash_and_list(
     return writer.close(), writer.files, writer.bytes, candidates
 
 
-def _upload(hub: Hub, todo_path: os.PathLike[str], candidates: int, progress: Progress, jobs: int) -> tuple[int, int]:
-    backend = hub.lake.backend
+def _upload(lake: Lake, todo_path: os.PathLike[str], candidates: int, progress: Progress, jobs: int) -> tuple[int, int]:
     recent: dict[str, None] = {}  # contents handled lately (bounded: duplicates cluster)
     counts = [0, 0]
 
@@ -223,18 +239,17 @@ def _upload(hub: Hub, todo_path: os.PathLike[str], candidates: int, progress: Pr
 
     async def one(item: tuple[str, int, int, str]) -> None:
         sha, size, mtime, path = item
-        key = object_key(sha)
         if size <= SMALL_FILE:
             # candidates are mostly new (unchanged paths were dropped against the parent):
             # one create-only PUT, not a HEAD and then a PUT
-            if not await backend.aput_if_absent(key, _read_checked(path, sha, size, mtime), sha256=sha):
+            if not await lake.aput_object_if_absent(sha, _read_checked(path, sha, size, mtime)):
                 progress.advance(1, 0)
                 return
         else:
-            present = await backend.aexists(key)  # big: ask first rather than send the bytes in vain
+            present = await lake.aobject_exists(sha)  # big: ask first rather than send the bytes in vain
             # a present object may still lack its chunk map (pushed before maps existed, or by
             # a push that died in between): this push has the file at hand, so it adds the map
-            wants_map = size > chunks.CHUNKED_MIN and not (present and await backend.aexists(chunks.chunk_map_key(sha)))
+            wants_map = size > chunks.CHUNKED_MIN and not (present and await lake.ahas_chunk_map(sha))
             if present and not wants_map:
                 progress.advance(1, 0)
                 return
@@ -244,12 +259,11 @@ def _upload(hub: Hub, todo_path: os.PathLike[str], candidates: int, progress: Pr
                 data = await asyncio.to_thread(_read_checked, path, sha, size, mtime)
                 chunk_map = await asyncio.to_thread(chunks.compute, data) if wants_map else None
                 if not present:
-                    await backend.aput(key, data, sha256=sha)
+                    await lake.aput_object(sha, data)
                 del data
             if chunk_map is not None:
                 # after the object: a chunk map never describes content the lake lacks
-                blob = chunks.encode(chunk_map)
-                await backend.aput(chunks.chunk_map_key(sha), blob, sha256=hashlib.sha256(blob).hexdigest())
+                await lake.aput_chunk_map(sha, chunk_map)
             if present:
                 progress.advance(1, 0)
                 return

@@ -30,6 +30,21 @@ class Ref:
         """True if ``ref`` is shaped like a commit-id prefix (4 to 64 lowercase hex digits)."""
         return bool(_COMMIT_PREFIX.fullmatch(self.ref))
 
+    @property
+    def is_full_id(self) -> bool:
+        """True if ``ref`` is a whole commit id (64 hex digits): it names one commit forever,
+        so it is answered from a site root alone, with no catalog or lake."""
+        return len(self.ref) == 64 and self.could_be_commit
+
+    def at(self, commit_id: str) -> Ref:
+        """The same dataset, pinned to ``commit_id``."""
+        return Ref(self.dataset, commit_id)
+
+    @classmethod
+    def of(cls, value: str | Ref) -> Ref:
+        """``value`` parsed, or itself when it is already a Ref: refs are parsed once."""
+        return value if isinstance(value, Ref) else parse_ref(value)
+
 
 def validate_dataset_name(name: str) -> str:
     """Return ``name`` if it is a valid dataset name, else raise InvalidRefError."""

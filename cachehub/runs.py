@@ -12,60 +12,12 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
-from dataclasses import dataclass, field
 
+from . import access, audit, index, push
+from .context import Context, current_run_id
 from .errors import CachehubError
-from .fsutil import HOST
-from .lake import canonical_json, now_iso
-
-_generated: dict[int, str] = {}
-
-
-def current_run_id() -> tuple[str, str]:
-    """(run id, where it came from) for this process."""
-    env = os.environ
-    if env.get("CACHEHUB_RUN_ID"):
-        return env["CACHEHUB_RUN_ID"], "CACHEHUB_RUN_ID"
-    if env.get("MLFLOW_RUN_ID"):
-        return f"mlflow-{env['MLFLOW_RUN_ID']}", "mlflow"
-    if env.get("SLURM_JOB_ID"):
-        task = env.get("SLURM_ARRAY_TASK_ID")
-        return f"slurm-{env['SLURM_JOB_ID']}" + (f"-{task}" if task else ""), "slurm"
-    if env.get("KUBERNETES_SERVICE_HOST") and env.get("HOSTNAME"):
-        return f"k8s-{env['HOSTNAME']}", "kubernetes"
-    pid = os.getpid()
-    if pid not in _generated:
-        _generated[pid] = f"run-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
-    return _generated[pid], "generated"
-
-
-@dataclass
-class RunRecord:
-    """A run as written to the lake (``runs/<id>.json``)."""
-
-    id: str
-    origin: str
-    user: str
-    host: str = HOST
-    site: str | None = None
-    command: list[str] = field(default_factory=list)
-    started: str = field(default_factory=now_iso)
-    ended: str | None = None
-    status: str = "running"  # running | succeeded | failed
-    exit_code: int | None = None
-    duration: float | None = None
-    inputs: list[dict] = field(default_factory=list)  # {dataset, commit, ref, site}
-    outputs: list[dict] = field(default_factory=list)  # {dataset, commit}
-
-    def document(self) -> bytes:
-        body = {"format": "cachehub-run", "format_version": 1, **self.__dict__}
-        return canonical_json(body)
-
-
-def run_key(run_id: str) -> str:
-    return f"runs/{run_id}.json"
-
+from .lake import now_iso
+from .model import RunRecord, RunResult
 
 def input_env_name(dataset: str) -> str:
     """The environment variable ``cachehub run`` exports a dataset's path in."""
@@ -73,18 +25,8 @@ def input_env_name(dataset: str) -> str:
     return f"CACHEHUB_INPUT_{cleaned}"
 
 
-@dataclass(frozen=True)
-class RunResult:
-    id: str
-    status: str
-    exit_code: int
-    duration: float
-    inputs: tuple[dict, ...]
-    outputs: tuple[dict, ...]
-
-
 def run_command(
-    hub: object,
+    ctx: Context,
     command: list[str],
     *,
     uses: list[str],
@@ -100,29 +42,26 @@ def run_command(
     leases are released either way. Snapshots are taken when the command succeeds (or always,
     with ``snapshot_on_failure``), as commits derived from the inputs and produced by the run.
     """
-
-    from .catalog import current_user
-
     run_id = os.environ.get("CACHEHUB_RUN_ID") or current_run_id()[0]
-    record = RunRecord(id=run_id, origin="cachehub run", user=current_user(), site=site, command=list(command))
+    record = RunRecord(id=run_id, origin="cachehub run", user=ctx.user, site=site, command=list(command))
     env = dict(os.environ)
     env["CACHEHUB_RUN_ID"] = run_id
     started = time.monotonic()
     paths: dict[str, str] = {}
-    hub._hook("pre_run", run=run_id, command=command, inputs=uses)  # type: ignore[attr-defined]
-    _save_run(hub, record)
+    ctx.events.hook("pre_run", run=run_id, command=command, inputs=uses)
+    _save_run(ctx, record)
     try:
-        return _run_recorded(hub, record, command, uses, snapshots, site, snapshot_on_failure, env, started, paths)
+        return _run_recorded(ctx, record, command, uses, snapshots, site, snapshot_on_failure, env, started, paths)
     except BaseException:
         if record.status == "running":  # an input, the command or a snapshot failed: say so
             record.status = "failed"
-            _finish(hub, record, started)
-            hub._hook("post_run", run=run_id, command=command, status="failed", exit_code=record.exit_code, inputs=record.inputs, outputs=record.outputs)  # type: ignore[attr-defined]
+            _finish(ctx, record, started)
+            ctx.events.hook("post_run", run=run_id, command=command, status="failed", exit_code=record.exit_code, inputs=record.inputs, outputs=record.outputs)
         raise
 
 
 def _run_recorded(
-    hub: object,
+    ctx: Context,
     record: RunRecord,
     command: list[str],
     uses: list[str],
@@ -142,11 +81,11 @@ def _run_recorded(
     exit_code = 1
     with contextlib.ExitStack() as stack:
         for ref in uses:
-            commit = hub.resolve_commit(ref, refresh=True)  # type: ignore[attr-defined]
+            commit = index.resolve_commit(ctx, ref, refresh_first=True)
             prior = os.environ.get("CACHEHUB_RUN_ID")
             os.environ["CACHEHUB_RUN_ID"] = run_id  # the inputs are recorded under this run
             try:
-                path = stack.enter_context(hub.use(f"{commit.dataset}@{commit.id}", site=site, fetch=True, run=run_id))  # type: ignore[attr-defined]
+                path = stack.enter_context(access.use(ctx, f"{commit.dataset}@{commit.id}", site=site, fetch=True, run=run_id))
             finally:
                 if prior is None:
                     os.environ.pop("CACHEHUB_RUN_ID", None)
@@ -156,7 +95,7 @@ def _run_recorded(
             env[input_env_name(commit.dataset)] = str(path)
             record.inputs.append({"dataset": commit.dataset, "commit": commit.id, "ref": ref.partition("@")[2] or "latest", "site": site})
         env["CACHEHUB_INPUTS"] = json.dumps(paths)
-        _save_run(hub, record)
+        _save_run(ctx, record)
         try:
             proc = subprocess.Popen(command, env=env)
         except OSError as exc:
@@ -174,48 +113,33 @@ def _run_recorded(
     if exit_code == 0 or snapshot_on_failure:
         inputs = tuple(f"{i['dataset']}@{i['commit']}" for i in record.inputs)
         for directory, dataset in snapshots:
-            result = hub.snapshot(directory, dataset, message=f"output of run {run_id}", run=run_id, derived_from=inputs)  # type: ignore[attr-defined]
+            result = push.snapshot(ctx, directory, dataset, message=f"output of run {run_id}", run=run_id, derived_from=inputs)
             if result.commit:
                 record.outputs.append({"dataset": dataset, "commit": result.commit})
     record.status = "succeeded" if exit_code == 0 else "failed"
-    _finish(hub, record, started)
-    hub._hook(  # type: ignore[attr-defined]
+    _finish(ctx, record, started)
+    ctx.events.hook(
         "post_run", run=run_id, command=command, status=record.status, exit_code=exit_code, inputs=record.inputs, outputs=record.outputs
     )
     return RunResult(run_id, record.status, exit_code, record.duration or 0.0, tuple(record.inputs), tuple(record.outputs))
 
 
-def _finish(hub: object, record: RunRecord, started: float) -> None:
+def _finish(ctx: Context, record: RunRecord, started: float) -> None:
     record.ended = now_iso()
     record.duration = round(time.monotonic() - started, 3)
-    _save_run(hub, record)
-    hub.catalog.audit(  # type: ignore[attr-defined]
+    _save_run(ctx, record)
+    ctx.events.audit(
         "run", run=record.id, status=record.status, exit_code=record.exit_code, duration=record.duration,
         inputs=[f"{i['dataset']}@{i['commit']}" for i in record.inputs],
         outputs=[f"{o['dataset']}@{o['commit']}" for o in record.outputs],
     )  # fmt: skip
-    hub.ship_audit()  # type: ignore[attr-defined]
+    audit.ship_quietly(ctx)
 
 
-def _save_run(hub: object, record: RunRecord) -> None:
+def _save_run(ctx: Context, record: RunRecord) -> None:
     """Index the run in the catalog and write its document to the lake (``runs/<id>.json``)."""
-    import json
-
-    conn = hub.catalog.conn  # type: ignore[attr-defined]
-    conn.execute(
-        "INSERT OR REPLACE INTO runs (id, user, host, site, started, ended, status, exit_code, duration, command, origin)"
-        " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-        (record.id, record.user, record.host, record.site, record.started, record.ended, record.status, record.exit_code,
-         record.duration, json.dumps(record.command), record.origin),
-    )  # fmt: skip
-    for i in record.inputs:  # replaces the row use() wrote, to keep the ref the user gave
-        conn.execute(
-            "INSERT OR REPLACE INTO run_inputs (run_id, dataset, commit_id, ref, site, time) VALUES (?,?,?,?,?,?)",
-            (record.id, i["dataset"], i["commit"], i["ref"], i["site"], record.started),
-        )
-    for o in record.outputs:
-        conn.execute("INSERT OR IGNORE INTO run_outputs (run_id, dataset, commit_id) VALUES (?,?,?)", (record.id, o["dataset"], o["commit"]))
+    ctx.catalog.save_run(record.__dict__)
     try:
-        hub.lake.backend.write(run_key(record.id), record.document())  # type: ignore[attr-defined]
+        ctx.lake.write_run(dict(record.__dict__))
     except OSError:
         pass  # the lake is unreachable: the catalog has it, the audit trail will carry it later

@@ -12,6 +12,13 @@
     <root>/tmp/                          downloads in flight, process-unique names
     <root>/locks/<commit-id>.lock        advisory: saves duplicate downloads, never needed for safety
     <root>/trash/                        trees being removed
+    <root>/evicting/<commit-id>          an eviction of that commit is deciding or removing
+    <root>/leases/<commit-id>/<id>.json  running jobs' claims (lease.py)
+    <root>/pins/<commit-id>.json         operators' "keep hot" flags (lease.py)
+    <root>/queue/<commit-id>.<...>.json  cache requests for the daemon (cache_queue.py)
+    <root>/daemon.json                   the daemon serving this site; its mtime is its heartbeat
+
+This module is the one owner of those paths: every other module asks a ``SiteStore`` for them.
 
 Correctness on NFS comes from immutable content, process-unique temp names and atomic rename:
 a tree is published by renaming its staging directory to ``commits/<commit-id>``, so a reader
@@ -36,6 +43,7 @@ from .fsutil import HOST, atomic_write, unique_suffix
 from .lake import canonical_json, now_iso
 from .model import CacheEntry, Commit, Site
 
+MARKER = "cachehub-site.json"
 SITE_FORMAT = "cachehub-site"
 SITE_FORMAT_VERSION = 1
 META_FORMAT_VERSION = 1
@@ -78,8 +86,12 @@ class SiteStore:
         """A process-unique temp name under ``tmp/`` (``<name>.<host>.<pid>.<n>``)."""
         return f"{self._tmp}/{name}.{HOST}.{os.getpid()}.{next(_COUNTER)}"
 
+    @property
+    def commits_dir(self) -> Path:
+        return self.root / "commits"
+
     def commit_path(self, commit_id: str) -> Path:
-        return self.root / "commits" / commit_id
+        return self.commits_dir / commit_id
 
     def meta_path(self, commit_id: str) -> Path:
         return self.root / "meta" / f"{commit_id}.json"
@@ -90,9 +102,77 @@ class SiteStore:
     def used_path(self, commit_id: str) -> Path:
         return self.root / "used" / commit_id
 
+    @property
+    def marker_path(self) -> Path:
+        return self.root / MARKER
+
+    def exists(self) -> bool:
+        """Does the root carry its marker (a laid-out site, not an empty or unmounted directory)?"""
+        return self.marker_path.exists()
+
+    @property
+    def leases_dir(self) -> Path:
+        return self.root / "leases"
+
+    def lease_dir(self, commit_id: str) -> Path:
+        return self.leases_dir / commit_id
+
+    def pin_path(self, commit_id: str) -> Path:
+        return self.root / "pins" / f"{commit_id}.json"
+
+    @property
+    def queue_dir(self) -> Path:
+        return self.root / "queue"
+
+    @property
+    def daemon_path(self) -> Path:
+        return self.root / "daemon.json"
+
+    def evicting_path(self, commit_id: str) -> Path:
+        return self.root / "evicting" / commit_id
+
+    @property
+    def locks_dir(self) -> Path:
+        return self.root / "locks"
+
+    def lock_names(self) -> set[str]:
+        """The names of the build lock files now at the site (live or stale)."""
+        try:
+            return {name for name in os.listdir(self.locks_dir) if name.endswith(".lock")}
+        except FileNotFoundError:
+            return set()
+
+    def published(self) -> set[str]:
+        """The commit ids whose trees are published now (names under ``commits/``)."""
+        try:
+            return set(os.listdir(self.root / "commits"))
+        except FileNotFoundError:
+            return set()
+
+    def object_files(self) -> Iterator[tuple[str, str]]:
+        """(name, path) of every file under ``objects/`` (a walk: O(objects at the site))."""
+        for dirpath, _dirs, files in os.walk(self.root / "objects"):
+            for name in files:
+                yield name, os.path.join(dirpath, name)
+
+    def manifest_files(self) -> Iterator[tuple[str, Path]]:
+        """(manifest id, path) of every manifest copy kept at the site."""
+        for path in (self.root / "manifests").glob("*/*.tsv.gz"):
+            yield path.name[: -len(".tsv.gz")], path
+
+    def used_markers(self) -> Iterator[Path]:
+        used = self.root / "used"
+        yield from (used.iterdir() if used.exists() else ())
+
+    def trash_path(self, commit_id: str) -> Path:
+        """A fresh, process-unique place in ``trash/`` for a tree being removed."""
+        path = self.root / "trash" / f"{commit_id}.{unique_suffix()}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
     def ensure(self) -> None:
         """Create the layout (idempotent) and check the root's format version."""
-        marker = self.root / "cachehub-site.json"
+        marker = self.marker_path
         if marker.exists():
             body = json.loads(marker.read_bytes())
             if body.get("format") != SITE_FORMAT or body.get("format_version") != SITE_FORMAT_VERSION:
@@ -170,13 +250,12 @@ class SiteStore:
     def object_bytes(self) -> tuple[int, int]:
         """(count, bytes) of distinct content objects at the site."""
         count = total = 0
-        for dirpath, _dirs, files in os.walk(self.root / "objects"):
-            for name in files:
-                try:
-                    total += os.stat(os.path.join(dirpath, name)).st_size
-                    count += 1
-                except FileNotFoundError:
-                    pass
+        for _name, path in self.object_files():
+            try:
+                total += os.stat(path).st_size
+                count += 1
+            except FileNotFoundError:
+                pass
         return count, total
 
     # -- writing -----------------------------------------------------------------------------
@@ -218,12 +297,12 @@ class SiteStore:
 
     def lock(self, commit_id: str, manifest: str = "") -> BuildLock | None:
         """Take the advisory lock for building ``commit_id`` (from ``manifest``); None if a live builder holds it."""
-        return BuildLock.acquire(self.root / "locks" / f"{commit_id}.lock", manifest)
+        return BuildLock.acquire(self.locks_dir / f"{commit_id}.lock", manifest)
 
     def building(self) -> dict[Path, str]:
         """The live build locks at this site and the manifest id each names ("" if none)."""
         out: dict[Path, str] = {}
-        locks = self.root / "locks"
+        locks = self.locks_dir
         for path in locks.glob("*.lock") if locks.exists() else ():
             try:
                 parts = path.read_text().split()
@@ -256,8 +335,7 @@ class SiteStore:
 
     def unpublish(self, commit_id: str) -> Path | None:
         """Atomically take a tree out of ``commits/``; returns where it went, for deletion."""
-        trash = self.root / "trash" / f"{commit_id}.{unique_suffix()}"
-        trash.parent.mkdir(parents=True, exist_ok=True)
+        trash = self.trash_path(commit_id)
         try:
             os.rename(self.commit_path(commit_id), trash)
         except FileNotFoundError:
@@ -460,10 +538,24 @@ def scan_site_entries(sites: Iterable[Site]) -> list[CacheEntry]:
     out = []
     for site in sites:
         store = SiteStore(site)
-        if not (store.root / "cachehub-site.json").exists():
+        if not store.exists():
             continue
         out += [
             CacheEntry(site.name, c.commit, c.dataset, str(c.path), c.files, c.bytes, c.cached_at, None)
             for c in store.cached()
         ]
     return out
+
+
+def fs_space(path: Path) -> dict[str, int | None]:
+    """Total, used and free (for unprivileged users) bytes of the filesystem holding ``path``."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        st = os.statvfs(probe)
+    except OSError:
+        return {"fs_total": None, "fs_used": None, "fs_free": None}
+    total = st.f_blocks * st.f_frsize
+    free = st.f_bavail * st.f_frsize
+    return {"fs_total": total, "fs_used": total - st.f_bfree * st.f_frsize, "fs_free": free}

@@ -101,8 +101,8 @@ def init(
     if json_out:
         _emit(result)
     else:
-        typer.echo(f"config  {result['config']}\ncatalog {result['catalog']}\nlake    {result['lake']}")
-        typer.echo(f"site    {result['site']} -> {result['site_root']}")
+        typer.echo(f"config  {result.config}\ncatalog {result.catalog}\nlake    {result.lake}")
+        typer.echo(f"site    {result.site} -> {result.site_root}")
 
 
 # -- publishing ------------------------------------------------------------------------------
@@ -326,21 +326,19 @@ def status(
         _emit(rows)
         return
     for s in rows:
+        typer.echo(f"site {s.site}  {s.root}  link={s.link}  fs free {_size(s.fs_free)} of {_size(s.fs_total)}")
         typer.echo(
-            f"site {s['site']}  {s['root']}  link={s['link']}  fs free {_size(s['fs_free'])} of {_size(s['fs_total'])}"
+            f"  {len(s.commits)} commits, {_size(s.logical_bytes)} as seen by readers, "
+            f"{_size(s.object_bytes)} on disk ({_size(s.shared_bytes)} shared)"
         )
-        typer.echo(
-            f"  {len(s['commits'])} commits, {_size(s['logical_bytes'])} as seen by readers, "
-            f"{_size(s['object_bytes'])} on disk ({_size(s['shared_bytes'])} shared)"
-        )
-        quota = f"quota {_size(s['quota'])}" if s.get("quota") else "no quota"
-        typer.echo(f"  {quota}, {s['leases']} live leases, {s['pinned']} pinned, {s['queue_depth']} queued requests")
-        d = s.get("daemon")
-        typer.echo(f"  daemon: pid {d['pid']} on {d['host']}, http {d.get('listen') or 'off'}" if d else "  daemon: not running")
-        for c in s["commits"]:
-            typer.echo(f"  {c['dataset']}@{c['commit'][:12]}  {c['files']} files  {_size(c['bytes'])}  last used {c['last_used'] or '-'}")
-        if d and d.get("listen"):
-            metrics = _daemon_metrics(d["listen"])
+        quota = f"quota {_size(s.quota)}" if s.quota else "no quota"
+        typer.echo(f"  {quota}, {s.leases} live leases, {s.pinned} pinned, {s.queue_depth} queued requests")
+        d = s.daemon
+        typer.echo(f"  daemon: pid {d.pid} on {d.host}, http {d.listen or 'off'}" if d else "  daemon: not running")
+        for c in s.commits:
+            typer.echo(f"  {c.dataset}@{c.commit[:12]}  {c.files} files  {_size(c.bytes)}  last used {c.last_used or '-'}")
+        if d and d.listen:
+            metrics = _daemon_metrics(d.listen)
             if metrics:
                 ratio = metrics.get("hit_ratio")
                 typer.echo(
@@ -467,7 +465,7 @@ def gc(
     if json_out:
         _emit(r)
     else:
-        typer.echo(f"{'would remove' if dry_run else 'removed'} {r['objects']} objects ({_size(r['bytes'])})")
+        typer.echo(f"{'would remove' if dry_run else 'removed'} {r.objects} objects ({_size(r.bytes)})")
 
 
 @app.command()
@@ -479,7 +477,7 @@ def leases(site: SiteOpt = None, json_out: JsonOpt = False) -> None:
         rows,
         json_out,
         "no leases",
-        lambda r: f"{r['commit'][:12]}  {r['user']}@{r['host']} pid {r['pid']}  run {r['run'] or '-'}  {'live' if r['live'] else 'DEAD'}",
+        lambda r: f"{r.commit[:12]}  {r.user}@{r.host} pid {r.pid}  run {r.run or '-'}  {'live' if r.live else 'DEAD'}",
     )
 
 
@@ -496,7 +494,7 @@ def subscribe(
     if json_out:
         _emit(sub)
     else:
-        typer.echo(f"subscribed {sub['dataset']}@{sub['ref']} at {sub['site']} every {every} (served by cachehub daemon)")
+        typer.echo(f"subscribed {sub.dataset}@{sub.ref} at {sub.site} every {every} (served by cachehub daemon)")
 
 
 @app.command()
@@ -512,7 +510,7 @@ def subscriptions(json_out: JsonOpt = False) -> None:
     """List subscriptions."""
     with _hub() as hub:
         subs = hub.subscriptions()
-    _listing(subs, json_out, "no subscriptions", lambda s: f"{s['dataset']}@{s['ref']}  site {s['site']}  every {s['every']:g}s")
+    _listing(subs, json_out, "no subscriptions", lambda s: f"{s.dataset}@{s.ref}  site {s.site}  every {s.every:g}s")
 
 
 @app.command()
@@ -614,8 +612,8 @@ def audit(
         events,
         json_out,
         "no matching events",
-        lambda e: f"{e['time']}  {e['user']}@{e['host']}  {e['action']:16} "
-        + " ".join(x for x in (f"{e['dataset']}@{e['commit'][:12]}" if e["dataset"] and e["commit"] else e["dataset"] or "", f"site {e['site']}" if e["site"] else "") if x),
+        lambda e: f"{e.time}  {e.user}@{e.host}  {e.action:16} "
+        + " ".join(x for x in (f"{e.dataset}@{e.commit[:12]}" if e.dataset and e.commit else e.dataset or "", f"site {e.site}" if e.site else "") if x),
     )
 
 
@@ -624,7 +622,7 @@ def audit_verify(json_out: JsonOpt = False) -> None:
     """Check the hash chains: detect an edited, deleted or re-ordered event (exit 9 if broken)."""
     with _hub() as hub:
         problems = hub.audit_verify()
-        count = hub.catalog.conn.execute("SELECT count(*) FROM audit").fetchone()[0]
+        count = hub.audit_count()
     if json_out:
         _emit({"events": count, "ok": not problems, "problems": [p.__dict__ for p in problems]})
     else:
@@ -772,10 +770,10 @@ def site_show(name: Annotated[str, typer.Argument(help="Site name.")], json_out:
         _emit(rows[0])
         return
     s = rows[0]
-    typer.echo(f"site   {s['site']}\nroot   {s['root']}\nlink   {s['link']}\nfree   {_size(s['fs_free'])}")
-    typer.echo(f"cached {len(s['commits'])} commits, {_size(s['object_bytes'])} on disk")
-    for c in s["commits"]:
-        typer.echo(f"  {c['dataset']}@{c['commit'][:12]}  {c['files']} files  {_size(c['bytes'])}")
+    typer.echo(f"site   {s.site}\nroot   {s.root}\nlink   {s.link}\nfree   {_size(s.fs_free)}")
+    typer.echo(f"cached {len(s.commits)} commits, {_size(s.object_bytes)} on disk")
+    for c in s.commits:
+        typer.echo(f"  {c.dataset}@{c.commit[:12]}  {c.files} files  {_size(c.bytes)}")
 
 
 @catalog_app.command("rebuild")

@@ -134,9 +134,9 @@ def test_link_modes(hub: Hub, tmp_path: Path, mode: str) -> None:
 
 def test_linking_in_batches_on_threads(hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Trees of many files are linked in batches by worker threads; every batch boundary is exercised."""
-    from cachehub import sync
+    from cachehub import cache
 
-    monkeypatch.setattr(sync, "LINK_BATCH", 3)
+    monkeypatch.setattr(cache, "LINK_BATCH", 3)
     v1 = {f"d{i % 4}/f{i:03d}": f"content {i}" for i in range(40)}
     src = write_tree(tmp_path / "v1", v1)
     hub.push(src, "ds", tag="v1")
@@ -298,10 +298,10 @@ def test_large_objects_use_parallel_ranged_reads(hub: Hub, tmp_path: Path, monke
     """The ranged path with small thresholds: sizes on, off and around range boundaries."""
     import random
 
-    from cachehub import sync
+    from cachehub import download
 
-    monkeypatch.setattr(sync, "LARGE_OBJECT", 64 * 1024)
-    monkeypatch.setattr(sync, "RANGE_SIZE", 16 * 1024)
+    monkeypatch.setattr(download, "LARGE_OBJECT", 64 * 1024)
+    monkeypatch.setattr(download, "RANGE_SIZE", 16 * 1024)
     rng = random.Random(5)
     sizes = [64 * 1024 + 1, 16 * 1024 * 5, 16 * 1024 * 5 + 7, 200_000, 1000]
     src = write_tree(tmp_path / "src", {f"f{i}.bin": rng.randbytes(n) for i, n in enumerate(sizes)})
@@ -313,10 +313,10 @@ def test_large_objects_use_parallel_ranged_reads(hub: Hub, tmp_path: Path, monke
 
 
 def test_corrupt_large_object_is_rejected(hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cachehub import sync
+    from cachehub import download
 
-    monkeypatch.setattr(sync, "LARGE_OBJECT", 64 * 1024)
-    monkeypatch.setattr(sync, "RANGE_SIZE", 16 * 1024)
+    monkeypatch.setattr(download, "LARGE_OBJECT", 64 * 1024)
+    monkeypatch.setattr(download, "RANGE_SIZE", 16 * 1024)
     data = bytes(range(256)) * 400  # 102,400 bytes
     hub.push(write_tree(tmp_path / "src", {"big.bin": data}), "ds")
     sha = hashlib.sha256(data).hexdigest()
@@ -338,7 +338,7 @@ def remove_tree_of(store: SiteStore, commit_id: str) -> None:
 
 def _collect_everything_unreferenced(store: SiteStore, evict: str | None = None) -> int:
     """What another process's eviction and gc would do: unpublish ``evict``, then collect old content."""
-    from cachehub.evict import gc
+    from cachehub.gc import gc
 
     if evict is not None:
         remove_tree_of(store, evict)
@@ -354,7 +354,7 @@ def test_gc_during_a_build_keeps_the_content_it_reuses(hub: Hub, tmp_path: Path,
 
     The race is forced by running the real eviction and gc right after the build's first pass.
     """
-    from cachehub import sync
+    from cachehub import cache
 
     hub.site_add("s", tmp_path / f"site-{mode}", link=mode)
     src = random_tree(tmp_path / "src", 30)
@@ -363,14 +363,14 @@ def test_gc_during_a_build_keeps_the_content_it_reuses(hub: Hub, tmp_path: Path,
     hub.cache("old", site="s")
     store = SiteStore(hub.settings.site("s"))
     old_id = hub.resolve_commit("old").id
-    real = sync._link_present
+    real = cache._link_present
 
     def link_then_collect(*args, **kwargs):  # type: ignore[no-untyped-def]
         result = real(*args, **kwargs)
         assert _collect_everything_unreferenced(store, evict=old_id) == 0  # 'new' is being built
         return result
 
-    monkeypatch.setattr(sync, "_link_present", link_then_collect)
+    monkeypatch.setattr(cache, "_link_present", link_then_collect)
     r = hub.cache("new", site="s")
     assert r.reused_files == 30 and r.fetched_files == 0
     assert tree_digest(Path(r.path)) == tree_digest(src)
@@ -380,7 +380,7 @@ def test_gc_during_a_build_keeps_the_content_it_reuses(hub: Hub, tmp_path: Path,
 
 def test_gc_sees_a_build_that_starts_while_it_runs(hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A build lock that appears after gc first looked is noticed before anything is removed."""
-    from cachehub.evict import gc
+    from cachehub.gc import gc
 
     src = random_tree(tmp_path / "src", 12)
     hub.push(src, "ds")
@@ -414,12 +414,12 @@ def test_objects_collected_between_fetch_and_link_are_fetched_again(hub: Hub, tm
     which knows nothing of the manifest in the lock, might not. Its removal is done here by
     deleting the fetched object files right after the real fetch.
     """
-    from cachehub import sync
+    from cachehub import download
 
     src = random_tree(tmp_path / "src", 30)
     hub.push(src, "ds")
     store = SiteStore(hub.settings.site())
-    real = sync._fetch
+    real = download.download
     calls = []
 
     def fetch_then_remove(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -431,7 +431,7 @@ def test_objects_collected_between_fetch_and_link_are_fetched_again(hub: Hub, tm
                     obj.unlink()
         return result
 
-    monkeypatch.setattr(sync, "_fetch", fetch_then_remove)
+    monkeypatch.setattr(download, "download", fetch_then_remove)
     r = hub.cache("ds")
     assert len(calls) == 2 and r.fetched_files == 60  # fetched, removed, fetched again
     assert tree_digest(Path(r.path)) == tree_digest(src)
@@ -443,14 +443,14 @@ def test_duplicate_content_arriving_during_the_first_pass(hub: Hub, tmp_path: Pa
     Another process fetching the same content is simulated by storing the object between the
     first pass's batches (batches of one file).
     """
-    from cachehub import sync
+    from cachehub import cache
 
-    monkeypatch.setattr(sync, "LINK_BATCH", 1)
+    monkeypatch.setattr(cache, "LINK_BATCH", 1)
     files = {f"d/{i:02d}": "same bytes" for i in range(8)} | {"e/empty1": "", "e/empty2": "", "z": "other"}
     src = write_tree(tmp_path / "src", files)
     hub.push(src, "ds")
     store = SiteStore(hub.settings.site())
-    real = sync._place_files
+    real = cache._place_files
     arrived = []
 
     def place(store_, entries, top, linker, progress, absent):  # type: ignore[no-untyped-def]
@@ -465,6 +465,6 @@ def test_duplicate_content_arriving_during_the_first_pass(hub: Hub, tmp_path: Pa
 
         return real(store_, watched(), top, linker, progress, absent)
 
-    monkeypatch.setattr(sync, "_place_files", place)
+    monkeypatch.setattr(cache, "_place_files", place)
     r = hub.cache("ds")
     assert arrived and tree_digest(Path(r.path)) == tree_digest(src)

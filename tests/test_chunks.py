@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cachehub import chunks
+from cachehub import chunks, lake
 from cachehub.api import Hub
 from cachehub.errors import FormatError
 from cachehub.lake import object_key
@@ -113,8 +113,8 @@ def test_object_without_chunk_map_is_fetched_whole(hub: Hub, tmp_path: Path) -> 
     (src / "shard.bin").write_bytes(bytes(v2))
     hub.push(src, "ds", tag="v2")
     sha2 = hashlib.sha256(bytes(v2)).hexdigest()
-    assert hub.lake.backend.exists(chunks.chunk_map_key(sha2))
-    hub.lake.backend.delete(chunks.chunk_map_key(sha2))
+    assert hub.lake.backend.exists(lake.chunk_map_key(sha2))
+    hub.lake.backend.delete(lake.chunk_map_key(sha2))
     r = hub.cache("ds@v2")
     assert tree_digest(Path(r.path)) == tree_digest(src)
     assert r.chunk_copied_bytes == 0 and r.fetched_bytes == len(v2)
@@ -127,7 +127,7 @@ def test_damaged_chunk_map_means_a_whole_fetch_not_a_failure(hub: Hub, tmp_path:
     v1 = _big(4, 20 * MiB)
     _cached_v1(hub, src, v1)
     v2 = _pushed_v2(hub, src, v1)
-    key = chunks.chunk_map_key(hashlib.sha256(v2).hexdigest())
+    key = lake.chunk_map_key(hashlib.sha256(v2).hexdigest())
     blob = hub.lake.backend.read(key)[0]
     bad = blob[:20] + bytes(64) + blob[84:] if damage == "deflate" else gzip.compress(b"not a chunk map\n")
     hub.lake.backend.delete(key)
@@ -159,7 +159,7 @@ def test_a_push_adds_the_missing_chunk_map_of_an_object_already_in_the_lake(hub:
     data = bytes(_big(6, 17 * MiB))
     src = write_tree(tmp_path / "src", {"shard.bin": data})
     hub.push(src, "one")
-    key = chunks.chunk_map_key(hashlib.sha256(data).hexdigest())
+    key = lake.chunk_map_key(hashlib.sha256(data).hexdigest())
     hub.lake.backend.delete(key)
     again = hub.push(src, "two")  # another dataset: the file is a candidate again
     assert again.uploaded_files == 0 and again.present_files == 1
@@ -171,7 +171,7 @@ def test_small_objects_get_no_chunk_map(hub: Hub, tmp_path: Path) -> None:
     hub.push(write_tree(tmp_path / "src", {"a.bin": data}), "ds")
     sha = hashlib.sha256(data).hexdigest()
     assert hub.lake.backend.exists(object_key(sha))
-    assert not hub.lake.backend.exists(chunks.chunk_map_key(sha))
+    assert not hub.lake.backend.exists(lake.chunk_map_key(sha))
 
 
 # -- the chunk map format and the segment planner (pure functions) -------------------------------

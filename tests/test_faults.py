@@ -245,10 +245,10 @@ def test_s3_server_dies_mid_transfer_then_rerun_resumes(tmp_path: Path, monkeypa
 def test_full_disk_while_linking_fails_cleanly(hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """ENOSPC from a link made on a worker thread (injected: a full directory is hard to make
     reliably) becomes NoSpaceError; the staging tree goes and nothing is published."""
-    from cachehub import sync
+    from cachehub import cache
     from cachehub.store import Linker
 
-    monkeypatch.setattr(sync, "LINK_BATCH", 4)
+    monkeypatch.setattr(cache, "LINK_BATCH", 4)
     src = random_tree(tmp_path / "src", 40)
     hub.push(src, "ds", tag="v1")
     hub.cache("ds@v1")

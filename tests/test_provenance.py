@@ -62,7 +62,7 @@ from cachehub.api import Hub
 out = Path(sys.argv[1]); out.mkdir(exist_ok=True)
 (out / "env.json").write_text(json.dumps({k: v for k, v in os.environ.items() if k.startswith("CACHEHUB_")}))
 with Hub() as hub:
-    (out / "leases.json").write_text(json.dumps(hub.leases()))
+    (out / "leases.json").write_text(json.dumps([dict(lease) for lease in hub.leases()]))  # typed results read as mappings
 (out / "model.bin").write_bytes(b"weights " + Path(os.environ["CACHEHUB_INPUT_IMAGES"], "x").read_bytes())
 sys.exit(int(sys.argv[2]))
 """

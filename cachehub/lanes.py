@@ -1,4 +1,4 @@
-"""The transfer engine: many requests in flight from one event loop, bounded in memory.
+"""Bounded lanes on one event loop: many requests in flight, bounded in memory (push and the download engine).
 
 Both push (uploads) and cache (downloads) hand it a plain iterator of work items and one
 coroutine per item. ``jobs`` lanes pull items from the shared iterator one at a time (so a

@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from cachehub.transfer import run
+from cachehub.lanes import run
 
 
 def test_runs_every_item_with_bounded_concurrency() -> None:

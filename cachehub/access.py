@@ -1,0 +1,123 @@
+"""Reading a cached commit: ``resolve`` a ref to a local path, ``use`` it under a lease.
+
+These are the calls training jobs make, so they are on the hot path: a full commit id is
+answered from the site root alone (no catalog, no lake); a tag or prefix from the local
+catalog. The use is recorded *before* the tree is checked (``used/<commit-id>`` mtime, or a
+lease), so an eviction running at that moment either sees the use and keeps the tree, or has
+already removed it and the caller is told it is missing (docs/operations.md, "Eviction and
+running jobs").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from . import cache, cache_queue, index
+from .context import Context, current_run_id
+from .errors import NotCachedError
+from .evict import wait_while_evicting
+from .policy import DEFAULT_LEASE_TIMEOUT
+from .refs import Ref
+
+from .store import SiteStore
+
+
+def commit_id_of(ctx: Context, ref: Ref) -> str:
+    """The full commit id ``ref`` names (without the catalog when it is one already)."""
+    return ref.ref if ref.is_full_id else index.resolve_commit(ctx, ref).id
+
+
+def resolve(ctx: Context, ref: str | Ref, *, site: str | None = None, fetch: bool = False, as_ref: str | None = None) -> Path:
+    """The local, read-only path of a cached commit; with ``fetch`` cache it first.
+
+    A bare resolve protects the entry for the site's ``grace`` period (default 10 min); hold a
+    lease with ``use()`` for longer jobs. ``as_ref`` is the ref to record when ``ref`` was
+    already resolved to a commit id by the caller.
+    """
+    parsed = Ref.of(ref)
+    store = ctx.store(site)
+    commit_id = commit_id_of(ctx, parsed)
+    dataset = parsed.dataset
+    ctx.events.hook("pre_resolve", ref=str(ref), site=store.site.name, commit=commit_id)
+    store.touch(commit_id)
+    if not present(store, commit_id):
+        if not fetch:
+            raise NotCachedError(
+                f"{parsed} ({commit_id[:12]}) is not cached at site {store.site.name}; "
+                f"run: cachehub cache {parsed} --site {store.site.name}",
+                dataset=dataset,
+                commit=commit_id,
+                site=store.site.name,
+            )
+        if cache_queue.daemon_info(store) is not None:
+            # a daemon serves this site: one download for every node asking at once
+            request = cache_queue.enqueue(store, dataset=dataset, commit=commit_id, ref=parsed.ref)
+            cache_queue.wait_for(store, commit_id, request)
+        else:
+            cache.cache(ctx, parsed.at(commit_id), site=store.site.name)
+    recorded = as_ref or parsed.ref
+    catalog = ctx.catalog
+    with catalog.transaction():  # one commit for the run record and the audit event
+        run_id = record_input(ctx, dataset, commit_id, recorded, store.site.name)
+        ctx.events.audit("resolve", dataset=dataset, commit=commit_id, ref=recorded, site=store.site.name, run=run_id)
+    path = store.commit_path(commit_id)
+    ctx.events.hook("post_resolve", ref=f"{dataset}@{recorded}", dataset=dataset, site=store.site.name, commit=commit_id, path=str(path))
+    return path
+
+
+def record_input(ctx: Context, dataset: str, commit_id: str, ref: str, site: str) -> str:
+    """Note that the current run read ``commit_id`` (one row per run and commit); return the run id."""
+    run_id, source = current_run_id()
+    now = ctx.now_iso()
+    ctx.catalog.open_run(run_id, user=ctx.user, host=ctx.host, site=site, started=now, origin=source)
+    ctx.catalog.add_run_input(run_id, dataset, commit_id, ref, site, now)
+    return run_id
+
+
+@contextmanager
+def use(
+    ctx: Context,
+    ref: str | Ref,
+    *,
+    site: str | None = None,
+    fetch: bool = False,
+    run: str | None = None,
+    timeout: float | None = None,
+) -> Iterator[Path]:
+    """``with use(ctx, "ds@v3") as path:`` -- the path, leased for the block's duration.
+
+    The lease lives on the site root (every host sees it), renews its heartbeat from a
+    background thread, and is released when the block ends, even on error.
+    """
+    from .lease import Lease
+
+    parsed = Ref.of(ref)
+    store = ctx.store(site)
+    commit_id = commit_id_of(ctx, parsed)
+    held = Lease(store, commit_id, user=ctx.user, run=run, timeout=timeout or DEFAULT_LEASE_TIMEOUT)
+    try:
+        path = resolve(ctx, parsed.at(commit_id), site=site, fetch=fetch, as_ref=parsed.ref)
+        ctx.events.audit(
+            "use", dataset=parsed.dataset, commit=commit_id, ref=parsed.ref, site=store.site.name, lease=held.id, run=run or current_run_id()[0]
+        )
+        yield path
+    finally:
+        held.release()
+
+
+def present(store: SiteStore, commit_id: str) -> bool:
+    """Is the tree published? Called after the use was recorded; waits out a running eviction."""
+    wait_while_evicting(store, commit_id)
+    return store.is_cached(commit_id)
+
+
+def request_cache(ctx: Context, ref: str, *, site: str | None = None) -> Path:
+    """Ask the site's daemon to cache ``ref``; returns the request file at once."""
+    commit = index.resolve_commit(ctx, ref, refresh_first=True)
+    store = ctx.store(site)
+    store.ensure()
+    request = cache_queue.enqueue(store, dataset=commit.dataset, commit=commit.id, ref=ref)
+    ctx.events.audit("cache-request", dataset=commit.dataset, commit=commit.id, ref=ref, site=store.site.name)
+    return request

@@ -1,0 +1,108 @@
+"""Verify a cached commit against its manifest, and repair it from the lake.
+
+Every file of the tree is re-hashed; a damaged or missing one is reported, and with ``repair``
+fetched again (verified), rewritten in place so that every tree sharing its inode is fixed at
+once, and the object store's copy replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+
+from . import index
+from .cache import site_manifest
+from .context import Context
+from .errors import IntegrityError, NotCachedError
+from .fsutil import sha256_file
+from .manifest import read_manifest
+from .model import Commit, ManifestEntry, VerifyResult
+from .progress import NULL, Progress
+from .store import Linker, SiteStore
+
+
+def verify(ctx: Context, ref: str, *, site: str | None = None, repair: bool = False, progress: Progress = NULL) -> VerifyResult:
+    """Re-hash a cached tree against its manifest; with ``repair`` re-fetch what is wrong."""
+    commit = index.resolve_commit(ctx, ref)
+    store = ctx.store(site)
+    if not store.is_cached(commit.id):
+        raise NotCachedError(
+            f"{commit.dataset}@{commit.short} is not cached at site {store.site.name}; run: cachehub cache {ref}",
+        )
+    manifest = store.manifest_path(commit.manifest)
+    if not manifest.exists():
+        manifest = site_manifest(store, commit, ctx.manifest(commit.manifest))
+    top = store.commit_path(commit.id)
+    damaged: list[str] = []
+    missing: list[str] = []
+    bad: list[ManifestEntry] = []
+    progress.start("verify", total_files=commit.files, total_bytes=commit.bytes)
+    for entry in read_manifest(manifest):
+        path = top / entry.path
+        try:
+            ok = os.path.getsize(path) == entry.size and sha256_file(path) == entry.sha256
+        except FileNotFoundError:
+            missing.append(entry.path)
+            bad.append(entry)
+            progress.advance(1, entry.size)
+            continue
+        if not ok:
+            damaged.append(entry.path)
+            bad.append(entry)
+        progress.advance(1, entry.size)
+    progress.finish()
+    repaired: list[str] = []
+    if repair and bad:
+        repaired = _repair(ctx, store, commit, top, bad)
+    ctx.events.audit(
+        "verify",
+        dataset=commit.dataset,
+        commit=commit.id,
+        site=store.site.name,
+        damaged=len(damaged),
+        missing=len(missing),
+        repaired=len(repaired),
+    )
+    return VerifyResult(commit.dataset, commit.id, store.site.name, commit.files, tuple(damaged), tuple(missing), tuple(repaired))
+
+
+def _repair(ctx: Context, store: SiteStore, commit: Commit, top: Path, bad: list[ManifestEntry]) -> list[str]:
+    """Fetch verified bytes for each bad file and rewrite it, fixing every tree sharing the inode."""
+    lake = ctx.lake
+    repaired = []
+    for entry in bad:
+        data = bytes(asyncio.run(lake.aget_object(entry.sha256)))  # type: ignore[arg-type]
+        if hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise IntegrityError(f"the lake's copy of {entry.path} ({entry.sha256}) is damaged too; re-push it")
+        path = top / entry.path
+        obj = store.object_path(entry.sha256)
+        parent = path.parent
+        os.chmod(parent, 0o755)
+        try:
+            if path.exists() and not path.is_symlink():
+                # rewrite in place: every hardlink of this inode (other commits too) is fixed at once
+                os.chmod(path, 0o644)
+                with open(path, "wb") as fh:
+                    fh.write(data)
+                os.chmod(path, 0o444)
+                if not obj.exists() or not os.path.samefile(obj, path):
+                    obj.unlink(missing_ok=True)
+                    store.store_object(entry.sha256, data)
+            else:
+                path.unlink(missing_ok=True)
+                if not obj.exists() or os.path.getsize(obj) != entry.size:
+                    obj.unlink(missing_ok=True)
+                    store.store_object(entry.sha256, data)
+                elif sha256_file(obj) != entry.sha256:
+                    os.chmod(obj, 0o644)
+                    with open(obj, "wb") as fh:
+                        fh.write(data)
+                    os.chmod(obj, 0o444)
+                Linker(store.site.link).place(obj, str(path))
+        finally:
+            os.chmod(parent, 0o555)
+        repaired.append(entry.path)
+    ctx.events.audit("repair", dataset=commit.dataset, commit=commit.id, site=store.site.name, files=len(repaired))
+    return repaired
