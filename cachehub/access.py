@@ -14,10 +14,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import cache, cache_queue, index
+from . import index
 from .context import Context, current_run_id
 from .errors import NotCachedError
-from .evict import wait_while_evicting
 from .policy import DEFAULT_LEASE_TIMEOUT
 from .refs import Ref
 
@@ -51,12 +50,18 @@ def resolve(ctx: Context, ref: str | Ref, *, site: str | None = None, fetch: boo
                 commit=commit_id,
                 site=store.site.name,
             )
+        from . import cache_queue  # not at the top, like cache below: only a fetch needs them
+
         if cache_queue.daemon_info(store) is not None:
             # a daemon serves this site: one download for every node asking at once
             request = cache_queue.enqueue(store, dataset=dataset, commit=commit_id, ref=parsed.ref)
             cache_queue.wait_for(store, commit_id, request)
         else:
-            cache.cache(ctx, parsed.at(commit_id), site=store.site.name)
+            # imported here, not at the top: resolving a cached commit (``cachehub path`` before
+            # every job) never needs the download engine, and importing it (asyncio) costs ~25 ms
+            from .cache import cache
+
+            cache(ctx, parsed.at(commit_id), site=store.site.name)
     recorded = as_ref or parsed.ref
     catalog = ctx.catalog
     with catalog.transaction():  # one commit for the run record and the audit event
@@ -109,12 +114,14 @@ def use(
 
 def present(store: SiteStore, commit_id: str) -> bool:
     """Is the tree published? Called after the use was recorded; waits out a running eviction."""
-    wait_while_evicting(store, commit_id)
+    store.wait_while_evicting(commit_id)
     return store.is_cached(commit_id)
 
 
 def request_cache(ctx: Context, ref: str, *, site: str | None = None) -> Path:
     """Ask the site's daemon to cache ``ref``; returns the request file at once."""
+    from . import cache_queue
+
     commit = index.resolve_commit(ctx, ref, refresh_first=True)
     store = ctx.store(site)
     store.ensure()

@@ -24,24 +24,8 @@ from .gc import gc as collect
 from .lake import Lake
 from .lease import pin, unpin
 from .manifest import read_manifest
-from .model import (
-    AuditEvent,
-    CacheResult,
-    Commit,
-    DatasetInfo,
-    DiffEntry,
-    GcResult,
-    LeaseStatus,
-    ManifestEntry,
-    PurgeResult,
-    PushResult,
-    RestoreResult,
-    Site,
-    SiteStatus,
-    Subscription,
-    Tag,
-    VerifyResult,
-)
+from .model import CacheResult, Commit, DatasetInfo, DiffEntry, ManifestEntry, PushResult, Site, Tag, VerifyResult
+from .results import AuditEvent, GcResult, LeaseStatus, PurgeResult, RestoreResult, SiteStatus, Subscription
 from .policy import parse_duration
 from .progress import NULL, Progress
 from .refs import Ref, validate_dataset_name, validate_tag_name

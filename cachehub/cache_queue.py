@@ -22,7 +22,7 @@ from .catalog import current_user
 from .errors import CachehubError, NotCachedError
 from .fsutil import HOST, atomic_write, unique_suffix
 from .lake import canonical_json, now_iso
-from .model import DaemonInfo
+from .results import DaemonInfo
 from .store import SiteStore, pid_alive
 
 DAEMON_STALE_SECONDS = 30.0

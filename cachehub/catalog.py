@@ -16,11 +16,15 @@ import os
 import sqlite3
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import CachehubError, ConfigError
 from .fsutil import HOST
 from .lake import EVENT_FIELDS, canonical_json, now_iso
-from .model import CacheEntry, Commit, Subscription, Tag, Tombstone
+from .model import CacheEntry, Commit, Tag, Tombstone
+
+if TYPE_CHECKING:
+    from .results import Subscription
 
 MIGRATIONS: list[tuple[int, str]] = [
     (
@@ -316,10 +320,14 @@ class Catalog:
         return cur.rowcount > 0
 
     def subscriptions(self) -> list[Subscription]:
+        from .results import Subscription  # not at the top: resolve() never reads subscriptions
+
         rows = self.conn.execute("SELECT id, dataset, ref, site, every, created FROM subscriptions ORDER BY id")
         return [Subscription(*r) for r in rows]
 
     def subscription(self, sub_id: int) -> Subscription | None:
+        from .results import Subscription
+
         row = self.conn.execute("SELECT id, dataset, ref, site, every, created FROM subscriptions WHERE id = ?", (sub_id,)).fetchone()
         return Subscription(*row) if row else None
 

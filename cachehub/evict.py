@@ -38,11 +38,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import lease as leasemod
-from .fsutil import HOST, atomic_write
 from .gc import gc
 from .manifest import read_manifest
 from .model import Site
-from .store import CachedCommit, SiteStore, fs_space, lock_is_stale, remove_tree
+from .store import CachedCommit, SiteStore, fs_space, remove_tree
 
 if TYPE_CHECKING:
     from .context import Context
@@ -323,7 +322,7 @@ def execute(store: SiteStore, plan: EvictionPlan, *, keep: set[bytes] | None = N
     for ev in plan.evict:
         cid = ev.entry.commit
         purged = ev.reason == "purged"
-        marker = mark_evicting(store, cid)
+        marker = store.mark_evicting(cid)
         if marker is None and not purged:
             continue  # another evictor is on it
         try:
@@ -421,33 +420,6 @@ def run(
         ctx.events.hook("post_evict", site=store.site.name, commits=[e.entry.commit for e in result.evicted])
         audit.ship_quietly(ctx)
     return the_plan, result
-
-
-def mark_evicting(store: SiteStore, commit_id: str) -> Path | None:
-    """Create the eviction marker (atomic create); None if another evictor holds it."""
-    path = store.evicting_path(commit_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        atomic_write(path, f"{HOST} {os.getpid()} {time.time():.3f}\n".encode(), exclusive=True, durable=False)
-        return path
-    except FileExistsError:
-        if lock_is_stale(path):
-            path.unlink(missing_ok=True)
-            return mark_evicting(store, commit_id)
-        return None
-
-
-def wait_while_evicting(store: SiteStore, commit_id: str, *, timeout: float = 120.0) -> None:
-    """Block while an eviction of ``commit_id`` is deciding or removing (a reader's step 1)."""
-    path = store.evicting_path(commit_id)
-    if not path.exists():
-        return
-    deadline = time.monotonic() + timeout
-    while path.exists() and time.monotonic() < deadline:
-        if lock_is_stale(path):
-            path.unlink(missing_ok=True)
-            return
-        time.sleep(0.01)
 
 
 def _used_since(store: SiteStore, commit_id: str, planned_last_use: float, plan_time: float) -> bool:

@@ -14,7 +14,8 @@ from . import audit, evict, index, lease
 from .context import Context
 from .errors import ConfigError, ConflictError
 from .manifest import read_manifest
-from .model import Commit, PurgeResult, Tombstone
+from .model import Commit, Tombstone
+from .results import PurgeResult
 from .store import SiteStore
 
 

@@ -19,7 +19,8 @@ from .errors import ConflictError, IntegrityError
 from .hashcache import HashCache
 from .lanes import run
 from .manifest import read_manifest
-from .model import Commit, RestoreResult
+from .model import Commit
+from .results import RestoreResult
 from .scan import FoundFile
 from .store import remove_tree
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from .config import DEFAULT_SITE, LINK_MODES, load_settings, site_to_config, update_config, validate_site_name
 from .context import Context
 from .errors import ConfigError, ConflictError
-from .model import InitResult, Site
+from .model import Site
+from .results import InitResult
 from .policy import parse_duration, parse_fraction, parse_size
 from .store import SiteStore
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from . import cache_queue, lease
-from .model import CachedCommitStatus, LeaseStatus, SiteStatus
+from .results import CachedCommitStatus, LeaseStatus, SiteStatus
 from .store import SiteStore, fs_space
 
 

@@ -135,6 +135,35 @@ class SiteStore:
     def locks_dir(self) -> Path:
         return self.root / "locks"
 
+    def mark_evicting(self, commit_id: str) -> Path | None:
+        """Create the eviction marker of ``commit_id`` (atomic create); None if another evictor holds it.
+
+        The marker is the evictor's half of the reader/evictor protocol (evict.py): a reader
+        that finds it waits (``wait_while_evicting``) before it looks for the tree.
+        """
+        path = self.evicting_path(commit_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            atomic_write(path, f"{HOST} {os.getpid()} {time.time():.3f}\n".encode(), exclusive=True, durable=False)
+            return path
+        except FileExistsError:
+            if lock_is_stale(path):
+                path.unlink(missing_ok=True)
+                return self.mark_evicting(commit_id)
+            return None
+
+    def wait_while_evicting(self, commit_id: str, *, timeout: float = 120.0) -> None:
+        """Block while an eviction of ``commit_id`` is deciding or removing (a reader's step 1)."""
+        path = self.evicting_path(commit_id)
+        if not path.exists():
+            return
+        deadline = time.monotonic() + timeout
+        while path.exists() and time.monotonic() < deadline:
+            if lock_is_stale(path):
+                path.unlink(missing_ok=True)
+                return
+            time.sleep(0.01)
+
     def lock_names(self) -> set[str]:
         """The names of the build lock files now at the site (live or stale)."""
         try:

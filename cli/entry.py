@@ -28,12 +28,13 @@ def _fast_path(argv: list[str]) -> int | None:
             return None  # --help, --json, typos: let the full CLI answer
     if ref is None:
         return None
-    from cachehub.api import Hub
+    from cachehub.access import resolve
+    from cachehub.context import Context
     from cachehub.errors import CachehubError
 
     try:
-        with Hub() as hub:
-            print(hub.resolve(ref, site=site))
+        with Context() as ctx:  # the worker itself: the facade would import every other worker
+            print(resolve(ctx, ref, site=site))
     except CachehubError as exc:
         if os.environ.get("CACHEHUB_DEBUG") == "1":
             raise

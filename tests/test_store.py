@@ -1,0 +1,83 @@
+"""The site store alone: the layout of a site root, as every host sharing it sees it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cachehub.errors import FormatError
+from cachehub.model import Commit, Site
+from cachehub.store import MARKER, SiteStore, fs_space
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SiteStore:
+    s = SiteStore(Site("gpu-a", str(tmp_path / "root")))
+    s.ensure()
+    return s
+
+
+def test_ensure_lays_out_the_documented_tree(store: SiteStore) -> None:
+    root = store.root
+    for sub in ("objects/sha256/00", "objects/sha256/ff", "commits", "meta", "manifests", "used", "staging", "tmp", "locks", "trash"):
+        assert (root / sub).is_dir(), sub
+    marker = json.loads((root / MARKER).read_bytes())
+    assert (marker["format"], marker["format_version"], marker["name"]) == ("cachehub-site", 1, "gpu-a")
+    assert store.exists()
+    store.ensure()  # idempotent
+
+
+def test_every_path_is_under_the_root_where_the_docs_say(store: SiteStore) -> None:
+    sha, cid = "ab" + "1" * 62, "c" * 64
+    root = store.root
+    assert store.object_path(sha) == root / "objects/sha256/ab" / sha and store.object_file(sha) == str(store.object_path(sha))
+    assert store.commit_path(cid) == root / "commits" / cid and store.commits_dir == root / "commits"
+    assert store.meta_path(cid) == root / "meta" / f"{cid}.json"
+    assert store.manifest_path(sha) == root / "manifests/ab" / f"{sha}.tsv.gz"
+    assert store.used_path(cid) == root / "used" / cid
+    assert store.lease_dir(cid) == root / "leases" / cid and store.leases_dir == root / "leases"
+    assert store.pin_path(cid) == root / "pins" / f"{cid}.json"
+    assert store.queue_dir == root / "queue" and store.daemon_path == root / "daemon.json"
+    assert store.evicting_path(cid) == root / "evicting" / cid and store.locks_dir == root / "locks"
+    a, b = store.trash_path(cid), store.trash_path(cid)
+    assert a != b and a.parent == b.parent == root / "trash" and a.name.startswith(cid)
+    assert store.temp_file(sha).startswith(f"{root}/tmp/{sha}.")
+
+
+def test_a_root_without_its_marker_is_not_a_site(tmp_path: Path) -> None:
+    empty = SiteStore(Site("nfs", str(tmp_path / "unmounted")))
+    assert not empty.exists() and empty.published() == set() and empty.lock_names() == set()
+    assert list(empty.cached()) == [] and list(empty.used_markers()) == []
+
+
+def test_a_root_of_another_format_version_is_refused(store: SiteStore) -> None:
+    (store.root / MARKER).write_text(json.dumps({"format": "cachehub-site", "format_version": 99}))
+    with pytest.raises(FormatError, match="upgrade cachehub"):
+        store.ensure()
+
+
+def test_state_listings_read_the_root(store: SiteStore) -> None:
+    sha = "ab" + "2" * 62
+    store.store_object(sha, b"bytes")
+    assert [name for name, _ in store.object_files()] == [sha] and store.object_bytes() == (1, 5)
+    commit = Commit("d" * 64, "ds", "e" * 64, 1, 5, (), "ann", "h", "m", "2026-01-01T00:00:00Z")
+    staging = store.new_staging(commit.id)
+    store.write_meta(commit)
+    assert store.publish(staging, commit.id) and store.published() == {commit.id}
+    [cached] = list(store.cached())
+    assert (cached.commit, cached.dataset, cached.manifest, cached.last_used) == (commit.id, "ds", "e" * 64, None)
+    store.touch(commit.id)
+    assert [p.name for p in store.used_markers()] == [commit.id] and store.last_used(commit.id) is not None
+    manifest = store.manifest_path("e" * 64)
+    manifest.parent.mkdir(parents=True)
+    manifest.write_bytes(b"")
+    assert [m for m, _ in store.manifest_files()] == ["e" * 64]
+    lock = store.lock(commit.id, commit.manifest)
+    assert lock is not None and store.lock_names() == {f"{commit.id}.lock"} and store.building() == {lock.path: commit.manifest}
+    assert store.lock(commit.id) is None  # a live holder has it
+    lock.release()
+    trash = store.unpublish(commit.id)
+    assert trash is not None and trash.parent == store.root / "trash" and store.published() == set()
+    assert fs_space(store.root)["fs_free"] > 0  # type: ignore[operator]
