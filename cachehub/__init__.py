@@ -28,7 +28,11 @@ from .errors import (
     NoSpaceError,
     NotCachedError,
     RefNotFoundError,
+    SiteDamagedError,
+    SiteIOError,
+    SiteMissingError,
     SiteNotFoundError,
+    SitePermissionError,
     UnsafePathError,
 )
 
@@ -89,7 +93,11 @@ __all__ = [
     "NoSpaceError",
     "NotCachedError",
     "RefNotFoundError",
+    "SiteDamagedError",
+    "SiteIOError",
+    "SiteMissingError",
     "SiteNotFoundError",
+    "SitePermissionError",
     "UnsafePathError",
     "default_hub",
     "resolve",

@@ -12,20 +12,55 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+import logging
 from pathlib import Path
 
 from . import index
 from .context import Context, current_run_id
-from .errors import NotCachedError
+from .errors import ConfigError, LakeError, NotCachedError, RefNotFoundError
 from .policy import DEFAULT_LEASE_TIMEOUT
 from .refs import Ref
 
-from .store import SiteStore
+from .store import SiteStore, site_errors
+
+log = logging.getLogger("cachehub")
 
 
-def commit_id_of(ctx: Context, ref: Ref) -> str:
-    """The full commit id ``ref`` names (without the catalog when it is one already)."""
-    return ref.ref if ref.is_full_id else index.resolve_commit(ctx, ref).id
+def commit_id_of(ctx: Context, ref: Ref, store: SiteStore) -> str:
+    """The full commit id ``ref`` names, as fresh as the rules below allow.
+
+    * a full commit id: itself (no catalog, no lake);
+    * online: the catalog, which reads the lake first when what it knows of the dataset's tags
+      is older than ``max_staleness`` (default 60 s) -- so a tag is never staler than that;
+    * the lake unreachable (down, no credentials), or ``CACHEHUB_OFFLINE=1``: the catalog as it
+      is, then the refs the site recorded when it cached each commit (``<root>/refs/``), so a
+      pod with no credentials and no catalog resolves ``NAME@TAG`` from the site alone.
+    """
+    if ref.is_full_id:
+        return ref.ref
+    if ctx.settings.offline:
+        found = index.lookup_local(ctx, ref)
+        if found is not None:
+            return found.id
+        return _from_site_refs(store, ref, why="CACHEHUB_OFFLINE=1")
+    try:
+        return index.resolve_commit(ctx, ref, max_age=ctx.settings.max_staleness).id
+    except (LakeError, ConfigError) as exc:  # the lake cannot be reached, or read with what this host has
+        commit_id = _from_site_refs(store, ref, why=str(exc))
+        log.warning("the lake could not be read (%s); %s answered from site %s's refs", exc, ref, store.name)
+        return commit_id
+
+
+def _from_site_refs(store: SiteStore, ref: Ref, *, why: str) -> str:
+    recorded = store.site_ref(ref.dataset, ref.ref)
+    if recorded is None:
+        raise RefNotFoundError(
+            f"{ref} is not known here without the lake ({why}), and site {store.name} holds no commit cached as {ref}; "
+            f"give a full commit id, or reach the lake",
+            dataset=ref.dataset,
+            ref=ref.ref,
+        )
+    return recorded[0]
 
 
 def resolve(ctx: Context, ref: str | Ref, *, site: str | None = None, fetch: bool = False, as_ref: str | None = None) -> Path:
@@ -37,18 +72,20 @@ def resolve(ctx: Context, ref: str | Ref, *, site: str | None = None, fetch: boo
     """
     parsed = Ref.of(ref)
     store = ctx.store(site)
-    commit_id = commit_id_of(ctx, parsed)
+    commit_id = commit_id_of(ctx, parsed, store)
     dataset = parsed.dataset
-    ctx.events.hook("pre_resolve", ref=str(ref), site=store.site.name, commit=commit_id)
-    store.touch(commit_id)
-    if not present(store, commit_id):
+    ctx.events.hook("pre_resolve", ref=str(ref), site=store.name, commit=commit_id)
+    with site_errors(store, f"record the use of {parsed}"):
+        store.touch(commit_id)
+        is_present = present(store, commit_id)
+    if not is_present:
         if not fetch:
             raise NotCachedError(
-                f"{parsed} ({commit_id[:12]}) is not cached at site {store.site.name}; "
-                f"run: cachehub cache {parsed} --site {store.site.name}",
+                f"{parsed} ({commit_id[:12]}) is not cached at site {store.name}; "
+                f"run: cachehub cache {parsed} --site {store.name}",
                 dataset=dataset,
                 commit=commit_id,
-                site=store.site.name,
+                site=store.name,
             )
         from . import cache_queue  # not at the top, like cache below: only a fetch needs them
 
@@ -61,14 +98,14 @@ def resolve(ctx: Context, ref: str | Ref, *, site: str | None = None, fetch: boo
             # every job) never needs the download engine, and importing it (asyncio) costs ~25 ms
             from .cache import cache
 
-            cache(ctx, parsed.at(commit_id), site=store.site.name)
+            cache(ctx, parsed.at(commit_id), site=store.name)
     recorded = as_ref or parsed.ref
     catalog = ctx.catalog
     with catalog.transaction():  # one commit for the run record and the audit event
-        run_id = record_input(ctx, dataset, commit_id, recorded, store.site.name)
-        ctx.events.audit("resolve", dataset=dataset, commit=commit_id, ref=recorded, site=store.site.name, run=run_id)
+        run_id = record_input(ctx, dataset, commit_id, recorded, store.name)
+        ctx.events.audit("resolve", dataset=dataset, commit=commit_id, ref=recorded, site=store.name, run=run_id)
     path = store.commit_path(commit_id)
-    ctx.events.hook("post_resolve", ref=f"{dataset}@{recorded}", dataset=dataset, site=store.site.name, commit=commit_id, path=str(path))
+    ctx.events.hook("post_resolve", ref=f"{dataset}@{recorded}", dataset=dataset, site=store.name, commit=commit_id, path=str(path))
     return path
 
 
@@ -100,12 +137,13 @@ def use(
 
     parsed = Ref.of(ref)
     store = ctx.store(site)
-    commit_id = commit_id_of(ctx, parsed)
-    held = Lease(store, commit_id, user=ctx.user, run=run, timeout=timeout or DEFAULT_LEASE_TIMEOUT)
+    commit_id = commit_id_of(ctx, parsed, store)
+    with site_errors(store, f"take a lease on {parsed}"):
+        held = Lease(store, commit_id, user=ctx.user, run=run, timeout=timeout or DEFAULT_LEASE_TIMEOUT)
     try:
         path = resolve(ctx, parsed.at(commit_id), site=site, fetch=fetch, as_ref=parsed.ref)
         ctx.events.audit(
-            "use", dataset=parsed.dataset, commit=commit_id, ref=parsed.ref, site=store.site.name, lease=held.id, run=run or current_run_id()[0]
+            "use", dataset=parsed.dataset, commit=commit_id, ref=parsed.ref, site=store.name, lease=held.id, run=run or current_run_id()[0]
         )
         yield path
     finally:
@@ -124,7 +162,7 @@ def request_cache(ctx: Context, ref: str, *, site: str | None = None) -> Path:
 
     commit = index.resolve_commit(ctx, ref, refresh_first=True)
     store = ctx.store(site)
-    store.ensure()
-    request = cache_queue.enqueue(store, dataset=commit.dataset, commit=commit.id, ref=ref)
-    ctx.events.audit("cache-request", dataset=commit.dataset, commit=commit.id, ref=ref, site=store.site.name)
+    with site_errors(store, f"queue a request for {ref}"):
+        request = cache_queue.enqueue(store, dataset=commit.dataset, commit=commit.id, ref=ref)
+    ctx.events.audit("cache-request", dataset=commit.dataset, commit=commit.id, ref=ref, site=store.name)
     return request

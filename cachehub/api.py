@@ -30,6 +30,7 @@ from .policy import parse_duration
 from .progress import NULL, Progress
 from .refs import Ref, validate_dataset_name, validate_tag_name
 from .sites import init
+from .store import site_errors
 
 
 class Hub:
@@ -147,16 +148,17 @@ class Hub:
         return diff_files(self.manifest_path(a.manifest), self.manifest_path(b.manifest))
 
     # -- sites and caches --------------------------------------------------------------------
-    def site_add(self, name: str, root: str | os.PathLike[str], *, link: str = "auto", **policy: object) -> Site:
-        """Register a site (a cache root near compute) in config.toml and lay out its root."""
+    def site_add(self, name: str, root: str | os.PathLike[str], *, link: str | None = None, **policy: object) -> Site:
+        """Add a site: lay out a new root with its policy, or join a root another host laid out."""
         return sites.add(self.ctx, name, root, link=link, **policy)
 
-    def site_set(self, name: str, *, root: str | os.PathLike[str] | None = None, **changes: object) -> Site:
-        """Change a site's root, link mode or policy (an old root is left as it is)."""
-        return sites.set_(self.ctx, name, root=root, **changes)
+    def site_set(self, name: str, *, root: str | os.PathLike[str] | None = None, create: bool = False, **changes: object) -> Site:
+        """Change a site's policy (for every host using the root), or this home's root for it."""
+        return sites.set_(self.ctx, name, root=root, create=create, **changes)
 
     def sites(self) -> list[Site]:
-        return sorted(self.settings.sites.values(), key=lambda s: s.name)
+        """Every configured site, with the policy its root holds (this home's values if unreachable)."""
+        return [self.ctx.store(s.name, check=False).site for s in sorted(self.settings.sites.values(), key=lambda s: s.name)]
 
     def cache(self, ref: str, *, site: str | None = None, progress: Progress = NULL, jobs: int | None = None) -> CacheResult:
         """Materialise a commit at a site, fetching only the content the site lacks."""
@@ -187,7 +189,7 @@ class Hub:
     def status(self, site: str | None = None) -> list[SiteStatus]:
         """Per site: cached commits, their sizes, bytes shared between them, filesystem space."""
         names = [site] if site else sorted(self.settings.sites)
-        return [status.site_status(self.ctx.store(name)) for name in names]
+        return [status.site_status(self.ctx.store(name, check=False)) for name in names]
 
     def leases(self, site: str | None = None) -> list[LeaseStatus]:
         """Every lease at a site with whether its holder is alive."""
@@ -198,16 +200,18 @@ class Hub:
         commit = self.resolve_commit(ref)
         store = self.ctx.store(site)
         if not store.is_cached(commit.id):
-            raise NotCachedError(f"{ref} is not cached at site {store.site.name}; cache it first: cachehub cache {ref}")
-        changed = pin(store, commit.id, user=self.user, reason=reason)
-        self.ctx.events.audit("pin", dataset=commit.dataset, commit=commit.id, ref=ref, site=store.site.name, reason=reason, changed=changed)
+            raise NotCachedError(f"{ref} is not cached at site {store.name}; cache it first: cachehub cache {ref}")
+        with site_errors(store, f"pin {ref}"):
+            changed = pin(store, commit.id, user=self.user, reason=reason)
+        self.ctx.events.audit("pin", dataset=commit.dataset, commit=commit.id, ref=ref, site=store.name, reason=reason, changed=changed)
         return changed
 
     def unpin(self, ref: str, *, site: str | None = None) -> bool:
         commit = self.resolve_commit(ref)
         store = self.ctx.store(site)
-        changed = unpin(store, commit.id)
-        self.ctx.events.audit("unpin", dataset=commit.dataset, commit=commit.id, ref=ref, site=store.site.name, changed=changed)
+        with site_errors(store, f"unpin {ref}"):
+            changed = unpin(store, commit.id)
+        self.ctx.events.audit("unpin", dataset=commit.dataset, commit=commit.id, ref=ref, site=store.name, changed=changed)
         return changed
 
     def plan_eviction(
@@ -223,7 +227,8 @@ class Hub:
         """What an eviction would remove, and why; nothing is changed."""
         only = [self.resolve_commit(r).id for r in refs] if refs else None
         store = self.ctx.store(site)
-        return evict.plan(store, now=self.ctx.now() if now is None else now, only=only, expired_only=expired_only, need_bytes=need_bytes, keep=keep)
+        now = self.ctx.now() if now is None else now
+        return evict.plan(store, now=now, only=only, expired_only=expired_only, need_bytes=need_bytes, keep=keep, source=self.ctx.manifest_source())
 
     def evict(
         self,
@@ -242,9 +247,10 @@ class Hub:
     def gc(self, *, site: str | None = None, dry_run: bool = False) -> GcResult:
         """Remove content objects no cached commit at the site references."""
         store = self.ctx.store(site)
-        count, nbytes = collect(store, dry_run=dry_run)
+        with site_errors(store, "collect garbage"):
+            count, nbytes = collect(store, dry_run=dry_run, source=self.ctx.manifest_source())
         if not dry_run:
-            self.ctx.events.audit("gc", site=store.site.name, objects=count, bytes=nbytes)
+            self.ctx.events.audit("gc", site=store.name, objects=count, bytes=nbytes)
         return GcResult(count, nbytes, dry_run)
 
     def subscribe(self, ref: str, *, site: str | None = None, every: str | float = "10m") -> Subscription:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from .catalog import event_hash
 from .context import Context
 from .errors import CachehubError, ConflictError
+from . import pause
 from .lake import audit_batch_key
 
 log = logging.getLogger("cachehub")
@@ -63,23 +64,41 @@ def verify(ctx: Context) -> list[ChainProblem]:
 
 
 def ship(ctx: Context) -> int:
-    """Write this catalog's unshipped events to the lake as one object; return how many."""
+    """Write this catalog's unshipped events to the lake as one object; return how many.
+
+    Shippers of one catalog (the CLI and the daemon sharing a home) take turns: one holds
+    ``<home>/audit-ship.lock`` (flock: the home is local disk) from reading the pending events
+    to marking them shipped; another finding it held returns at once (those events go with that
+    ship, or the next). A batch already in the lake with exactly these bytes (a ship that died
+    before marking) is taken as shipped; only different bytes under the same key are a diverged
+    trail.
+    """
+    import fcntl
+
     catalog = ctx.catalog
     origin = catalog.origin
-    rows = catalog.unshipped_events(origin)
-    if not rows:
-        return 0
-    try:
-        ctx.lake.write_audit_batch(origin, rows)  # create-only: never overwrite shipped history
-    except ConflictError:
-        key = audit_batch_key(origin, rows[0]["origin_seq"], rows[-1]["origin_seq"])
-        raise ConflictError(
-            f"the lake already holds audit events {key}: this catalog's trail diverged from what it shipped "
-            "(were events deleted?); run cachehub audit verify",
-            key=key,
-        ) from None
-    catalog.mark_shipped(e["seq"] for e in rows)
-    return len(rows)
+    lock_path = ctx.settings.home / "audit-ship.lock"
+    with open(lock_path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return 0  # another process of this home is shipping right now
+        rows = catalog.unshipped_events(origin)
+        if not rows:
+            return 0
+        pause.point("audit.ship.before-write")
+        try:
+            ctx.lake.write_audit_batch(origin, rows)  # create-only: never overwrite shipped history
+        except ConflictError:
+            if not ctx.lake.audit_batch_matches(origin, rows):
+                key = audit_batch_key(origin, rows[0]["origin_seq"], rows[-1]["origin_seq"])
+                raise ConflictError(
+                    f"the lake already holds other audit events under {key}: this catalog's trail diverged from what it "
+                    "shipped (were events deleted?); run cachehub audit verify",
+                    key=key,
+                ) from None
+        catalog.mark_shipped(e["seq"] for e in rows)
+        return len(rows)
 
 
 def ship_quietly(ctx: Context) -> int:

@@ -28,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import download, evict, index
+from . import download, evict, index, pause
 from .context import Context
 from .errors import IntegrityError, NoSpaceError
 from .fsutil import atomic_write, human_bytes, unique_suffix
@@ -36,8 +36,8 @@ from .lake import now_iso
 from .manifest import read_manifest
 from .model import CacheEntry, CacheResult, Commit, ManifestEntry
 from .progress import NULL, Progress
-from .refs import Ref
-from .store import BuildLock, Linker, SiteStore, make_tree_readonly, remove_tree, sweep_dead_entries
+from .refs import LATEST, Ref
+from .store import BuildLock, Linker, SiteStore, make_tree_readonly, remove_tree, site_errors, sweep_dead_entries
 
 LOCK_POLL_SECONDS = 0.2
 
@@ -61,10 +61,10 @@ def cache(ctx: Context, ref: str | Ref, *, site: str | None = None, progress: Pr
     """Materialise the commit ``ref`` names at ``site`` with the cache hooks around it."""
     parsed = Ref.of(ref)
     store = ctx.store(site)
-    ctx.events.hook("pre_cache", ref=str(ref), site=store.site.name)
+    ctx.events.hook("pre_cache", ref=str(ref), site=store.name)
     result = build(ctx, parsed, store, progress=progress, jobs=jobs, given=str(ref))
     ctx.events.hook(
-        "post_cache", ref=str(ref), site=store.site.name, commit=result.commit, path=result.path, fetched_bytes=result.fetched_bytes
+        "post_cache", ref=str(ref), site=store.name, commit=result.commit, path=result.path, fetched_bytes=result.fetched_bytes
     )
     if not result.already_cached:
         from . import audit
@@ -80,11 +80,17 @@ def build(
 
     ``given`` is the ref as the user wrote it, for the audit trail (default: ``ref``).
     """
+    with site_errors(store, f"cache {given or ref}"):
+        return _cache_at(ctx, ref, store, progress=progress, jobs=jobs, given=given)
+
+
+def _cache_at(ctx: Context, ref: Ref, store: SiteStore, *, progress: Progress, jobs: int | None, given: str | None) -> CacheResult:
     started = time.monotonic()
     commit = index.resolve_commit(ctx, ref, refresh_first=not ref.is_full_id)
-    store.ensure()
+    store.check()
     if store.is_cached(commit.id):
         store.touch(commit.id)
+        _record_refs(ctx, store, ref, commit)
         return _result(commit, store, 0, 0, commit.files, commit.bytes, started, already=True)
 
     manifest = ctx.manifest(commit.manifest)  # verified and validated copy on this host's disk
@@ -94,10 +100,13 @@ def build(
     missing_list = tmp_dir / f"plan-{commit.id[:16]}.{unique_suffix()}"
     try:
         # the site's copy of the manifest first, and a lock that names it: a gc at the site
-        # (any host) then keeps this build's content, linked or not yet (gc.py)
-        site_manifest(store, commit, manifest)
+        # (any host) then keeps this build's content, linked or not yet (gc.py); the copy is
+        # refreshed once the lock is held, so a gc that read the locks just before keeps it too
+        store.keep_manifest(commit.manifest, manifest)
         lock = _wait_for_lock(store, commit)
         try:
+            pause.point("cache.after-lock")
+            store.keep_manifest(commit.manifest, manifest)
             if lock is not None:
                 store.sweep_leftovers()
             if store.is_cached(commit.id):  # another process published it while we waited
@@ -110,18 +119,19 @@ def build(
     finally:
         missing_list.unlink(missing_ok=True)
     store.touch(commit.id)
+    _record_refs(ctx, store, ref, commit)
     result = _result(commit, store, got.objects, got.bytes, the_plan.reused_files, the_plan.reused_bytes, started, already=False)
     result = replace(result, evicted=evicted, chunk_copied_bytes=got.chunk_copied_bytes)
     with ctx.catalog.transaction():
         ctx.catalog.add_cache_entry(
-            CacheEntry(store.site.name, commit.id, commit.dataset, result.path, commit.files, commit.bytes, now_iso(), None)
+            CacheEntry(store.name, commit.id, commit.dataset, result.path, commit.files, commit.bytes, now_iso(), None)
         )
         ctx.events.audit(
             "cache",
             dataset=commit.dataset,
             commit=commit.id,
             ref=given or str(ref),
-            site=store.site.name,
+            site=store.name,
             fetched_files=got.objects,
             fetched_bytes=got.bytes,
             reused_files=the_plan.reused_files,
@@ -168,6 +178,8 @@ def _build(
         finally:
             progress.finish()
         evicted = _admit(ctx, store, commit, the_plan, manifest, lock.path if lock is not None else None)
+        if the_plan.missing_objects:
+            store.begin_partial(commit)  # what arrives is kept for a re-run if this stops (gc.py)
         bases = download.chunk_bases(ctx.lake, store, the_plan.large, _base_candidates(ctx, store, commit)) if the_plan.large else {}
         fetch(download.ObjectSet.from_file(missing_list, count=the_plan.missing_objects, nbytes=the_plan.missing_bytes, what=what, bases=bases), progress)
         if the_plan.reused_files < the_plan.files:
@@ -189,12 +201,15 @@ def _build(
                 _place_files(store, iter(vanished), top, linker, NULL, gone.append)
                 if gone:
                     raise IntegrityError(
-                        f"objects of {commit.dataset}@{commit.short} vanished twice from site {store.site.name} while "
+                        f"objects of {commit.dataset}@{commit.short} vanished twice from site {store.name} while "
                         "linking (a gc running at the same time?); nothing was published: re-run"
                     )
-        make_tree_readonly(staging)
+        make_tree_readonly(staging, group=store.site.group)
         store.write_meta(commit)
+        store.keep_manifest(commit.manifest, manifest)
+        pause.point("cache.before-publish")
         store.publish(staging, commit.id)
+        store.end_partial(commit.id)
     except NoSpaceError:
         remove_tree(staging)
         raise
@@ -202,9 +217,9 @@ def _build(
         remove_tree(staging)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise NoSpaceError(
-                f"site {store.site.name} ({store.root}) ran out of space while building {commit.dataset}@{commit.short}; "
+                f"site {store.name} ({store.root}) ran out of space while building {commit.dataset}@{commit.short}; "
                 "nothing was published. Free space there (or cache to another site) and re-run",
-                site=store.site.name,
+                site=store.name,
             ) from exc
         raise
     except BaseException:
@@ -264,6 +279,16 @@ def _read_entries(path: Path) -> Iterator[ManifestEntry]:
             yield ManifestEntry(rel, int(size), digest)
 
 
+def _record_refs(ctx: Context, store: SiteStore, ref: Ref, commit: Commit) -> None:
+    """Record at the site the names this commit has now (the ref asked for, its tags, and
+    ``latest`` if it is the newest): what a host without the lake resolves them to."""
+    names = set(commit.tags) | ({ref.ref} if not ref.could_be_commit else set())
+    latest = ctx.catalog.latest(commit.dataset)
+    if latest is not None and latest.id == commit.id:
+        names.add(LATEST)
+    store.record_refs(commit.dataset, sorted(names), commit.id)
+
+
 def _admit(ctx: Context, store: SiteStore, commit: Commit, the_plan: Plan, manifest: Path, lock: Path | None) -> tuple[str, ...]:
     """Make room under the site's quota and free-space floor before downloading anything.
 
@@ -274,7 +299,7 @@ def _admit(ctx: Context, store: SiteStore, commit: Commit, the_plan: Plan, manif
     if site.quota is None and site.min_free <= 0:
         return ()
     needed = {bytes.fromhex(e.sha256) for e in read_manifest(manifest, validate=False)}  # reused, so never freed
-    plan = evict.plan(store, now=ctx.now(), need_bytes=the_plan.missing_bytes, keep=needed)
+    plan = evict.plan(store, now=ctx.now(), need_bytes=the_plan.missing_bytes, keep=needed, source=ctx.manifest_source())
     if plan.shortfall > 0:
         kept = ", ".join(f"{e.dataset}@{e.commit[:12]} ({why})" for e, why in plan.kept) or "none"
         raise NoSpaceError(
@@ -384,16 +409,6 @@ def _place_files(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def site_manifest(store: SiteStore, commit: Commit, local: Path) -> Path:
-    """The commit's manifest kept at the site (from ``local``, a verified copy), so nodes can
-    verify without the lake and a gc at the site knows what a build needs."""
-    path = store.manifest_path(commit.manifest)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, local.read_bytes())
-    return path
-
-
 def _result(
     commit: Commit,
     store: SiteStore,
@@ -408,7 +423,7 @@ def _result(
     return CacheResult(
         dataset=commit.dataset,
         commit=commit.id,
-        site=store.site.name,
+        site=store.name,
         path=str(store.commit_path(commit.id)),
         fetched_files=fetched_files,
         fetched_bytes=fetched_bytes,

@@ -42,7 +42,7 @@ class Request:
 def enqueue(store: SiteStore, *, dataset: str, commit: str, ref: str) -> Path:
     """Drop a request for ``commit`` on the site root; return its path."""
     base = store.queue_dir
-    base.mkdir(parents=True, exist_ok=True)
+    store.make_dirs(base)
     path = base / f"{commit}.{unique_suffix()}.json"
     body = {"format_version": 1, "commit": commit, "dataset": dataset, "ref": ref, "user": current_user(), "host": HOST, "requested": now_iso()}
     atomic_write(path, canonical_json(body))

@@ -215,6 +215,11 @@ class Catalog:
     def dataset_names(self) -> list[str]:
         return [r[0] for r in self.conn.execute("SELECT name FROM datasets ORDER BY name")]
 
+    def refreshed(self, name: str) -> str | None:
+        """When the dataset was last read from the lake (ISO time), or None."""
+        row = self.conn.execute("SELECT refreshed FROM datasets WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else None
+
     def has_dataset(self, name: str) -> bool:
         return self.conn.execute("SELECT 1 FROM datasets WHERE name = ?", (name,)).fetchone() is not None
 

@@ -11,6 +11,8 @@ Environment variables:
     CACHEHUB_ENDPOINT_URL  S3 endpoint for non-AWS servers (StorageGRID, MinIO, SeaweedFS...)
     CACHEHUB_SITE          default site name
     CACHEHUB_JOBS          concurrent transfers (default 64)
+    CACHEHUB_OFFLINE       1: never contact the lake (resolve from the catalog and the site's refs)
+    CACHEHUB_MAX_STALENESS how old (seconds) the catalog's tags may be before resolve reads the lake (60)
 
 Credentials are never read here: S3 uses the standard AWS chain and nothing is written back.
 """
@@ -42,6 +44,7 @@ from .refs import validate_dataset_name
 CONFIG_FORMAT_VERSION = 1
 DEFAULT_SITE = "local"
 DEFAULT_JOBS = 64
+DEFAULT_MAX_STALENESS = 60.0
 LINK_MODES = ("auto", "hardlink", "symlink", "copy")
 
 
@@ -67,6 +70,8 @@ class Settings:
     jobs: int = DEFAULT_JOBS
     config_path: Path | None = None
     hooks: dict[str, list[str]] = field(default_factory=dict)  # event -> shell commands
+    offline: bool = False  # CACHEHUB_OFFLINE=1: the lake is never contacted
+    max_staleness: float = DEFAULT_MAX_STALENESS  # seconds a tag read from the lake stays good for resolve
 
     @property
     def catalog_path(self) -> Path:
@@ -79,6 +84,14 @@ class Settings:
     @property
     def manifest_cache(self) -> Path:
         return self.home / "manifests"
+
+    def creates_on_use(self, site: Site) -> bool:
+        """Is ``site`` the embedded default (``local``, under this home), laid out on first use?
+
+        Every other site root is created only by ``site add`` (or ``--create``): a configured root
+        that is missing is an unmounted export, never something to fill the local disk with.
+        """
+        return site.name == DEFAULT_SITE and Path(site.root) == self.home / "sites" / DEFAULT_SITE
 
     def site(self, name: str | None = None) -> Site:
         """The named site, or the default one; raise SiteNotFoundError naming the fix."""
@@ -125,7 +138,15 @@ def load_settings(home: str | os.PathLike[str] | None = None, *, lake: str | Non
     except ValueError:
         raise ConfigError(f"CACHEHUB_JOBS must be a whole number, not {jobs_text!r}") from None
     hooks = _hooks_from(data.get("hooks", {}), config_path)
+    offline = os.environ.get("CACHEHUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    staleness_text = os.environ.get("CACHEHUB_MAX_STALENESS") or defaults.get("max_staleness") or DEFAULT_MAX_STALENESS
+    try:
+        max_staleness = parse_duration(staleness_text)
+    except ConfigError:
+        raise ConfigError(f"CACHEHUB_MAX_STALENESS must be a duration (60, 5m...), not {staleness_text!r}") from None
     return Settings(
+        offline=offline,
+        max_staleness=max_staleness,
         hooks=hooks,
         home=home_path,
         lake_url=lake_url,
@@ -183,17 +204,22 @@ def _site_from(name: str, spec: dict, where: Path) -> Site:
         low_watermark=parse_fraction(spec.get("low_watermark", DEFAULT_LOW_WATERMARK)),
         min_free=parse_fraction(spec.get("min_free", DEFAULT_MIN_FREE)),
         grace=parse_duration(spec.get("grace", DEFAULT_GRACE)),
-    )
+    )  # the policy values of a config written by an older cachehub seed the root's first policy
 
 
 def site_to_config(site: Site) -> dict:
-    """The config.toml table of a site (human units)."""
-    table: dict = {"root": site.root, "link": site.link, "ttl": format_duration(site.ttl)}
-    if site.quota:
-        table["quota"] = format_size(site.quota)
+    """The config.toml table of a site: only its root. The policy lives in the root itself."""
+    return {"root": site.root}
+
+
+def policy_for_humans(site: Site) -> dict:
+    """A site's policy in human units (for the audit trail and messages)."""
+    table: dict = {"link": site.link, "ttl": format_duration(site.ttl), "quota": format_size(site.quota) if site.quota else None}
     table["low_watermark"] = f"{site.low_watermark * 100:g}%"
     table["min_free"] = f"{site.min_free * 100:g}%"
     table["grace"] = format_duration(site.grace)
+    table["keep_partial"] = format_duration(site.keep_partial)
+    table["group"] = site.group
     return table
 
 

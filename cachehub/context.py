@@ -26,11 +26,11 @@ from pathlib import Path
 from . import hooks
 from .catalog import Catalog, current_user
 from .config import Settings, lake_identity, lake_uri, load_settings
-from .errors import ConfigError
+from .errors import ConfigError, LakeError
 from .fsutil import HOST
 from .lake import Lake, now_iso
 from .model import Site
-from .store import SiteStore
+from .store import ManifestSource, SiteStore
 
 
 _generated: dict[int, str] = {}  # pid -> run id made up for a process with none in its environment
@@ -101,6 +101,11 @@ class Context:
     # -- the lake and the catalog, opened on first use ---------------------------------------
     @property
     def lake(self) -> Lake:
+        if self.settings.offline:
+            raise LakeError(
+                "CACHEHUB_OFFLINE=1: this needs the lake, which is never contacted offline; unset CACHEHUB_OFFLINE "
+                "(resolve, use and path of cached commits work offline)"
+            )
         if self._lake is None:
             from cachehub.backends import open_backend
 
@@ -140,15 +145,30 @@ class Context:
         """A verified local copy of a manifest, fetched from the lake once."""
         return self.lake.manifest(manifest_id)
 
+    def manifest_source(self) -> ManifestSource:
+        """``manifest`` as a source for restoring a site's lost copy (``SiteStore.manifest_entries``)."""
+        return self.manifest
+
     # -- sites -------------------------------------------------------------------------------
     def site(self, name: str | None = None) -> Site:
         return self.settings.site(name)
 
-    def store(self, site: str | None = None) -> SiteStore:
-        """The store of the named (or default) site; SiteNotFoundError names the fix."""
-        return SiteStore(self.settings.site(site))
+    def store(self, site: str | None = None, *, check: bool = True) -> SiteStore:
+        """The store of the named (or default) site; SiteNotFoundError names the fix.
+
+        With ``check`` (the default) its root must carry its marker: a missing root raises
+        SiteMissingError naming the mount (the embedded default site is laid out instead).
+        """
+        store = SiteStore(self.settings.site(site))
+        if check and not store.exists():
+            if self.settings.creates_on_use(store.site):
+                store.create(by=self.user)
+            else:
+                store.check()
+        return store
 
     def stores(self) -> list[SiteStore]:
+        """Every configured site's store, roots unchecked (a caller skips those not laid out)."""
         return [SiteStore(s) for s in self.settings.sites.values()]
 
     def with_site(self, site: Site) -> None:

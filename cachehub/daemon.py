@@ -53,8 +53,17 @@ class Metrics:
         self.caches = 0
         self.evictions: Counter[str] = Counter()
         self.repairs = 0
-        self.failures = 0
+        self.failures: Counter[tuple[str, str]] = Counter()  # (site, kind) -> count
         self.subscription_caches = 0
+        self.last_success: dict[str, float] = {}  # "sweep", "refresh", "subscription:<id>" -> time
+
+    def fail(self, site: str, kind: str) -> None:
+        with self.lock:
+            self.failures[(site, kind)] += 1
+
+    def succeeded(self, what: str, when: float) -> None:
+        with self.lock:
+            self.last_success[what] = when
 
     def record_cache(self, result: object) -> None:
         with self.lock:
@@ -97,14 +106,18 @@ class Daemon:
         self._observer = None
         self._http: server.Server | None = None
         self._stopped = threading.Event()
-        self._sub_last: dict[int, float] = {}
+        self._sub_next: dict[int, float] = {}  # subscription id -> monotonic time it is due
+        self._sub_failures: dict[int, int] = {}  # subscription id -> failures in a row
+        self._missing: set[str] = set()  # sites whose root is missing: paused
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         from apscheduler.schedulers.background import BackgroundScheduler
 
-        for store in self.stores():
-            store.ensure()
+        for name in self.site_names:
+            store = SiteStore(self.settings.site(name))
+            if self.settings.creates_on_use(store.site):
+                store.create()
         if self.listen:
             self._http = server.serve(self, self.listen)
         for store in self.stores():
@@ -152,20 +165,43 @@ class Daemon:
         return Context(self.settings, clock=self.clock)
 
     def stores(self) -> list[SiteStore]:
-        return [SiteStore(self.settings.site(name)) for name in self.site_names]
+        """The stores of the sites served now: a site whose root lost its marker is paused
+        (reported in /status and /metrics, logged once) until the root is back."""
+        out = []
+        for name in self.site_names:
+            store = SiteStore(self.settings.site(name))
+            if store.exists():
+                if name in self._missing:
+                    self._missing.discard(name)
+                    log.info("site %s: root %s is back; serving it again", name, store.root)
+                out.append(store)
+            elif name not in self._missing:
+                self._missing.add(name)
+                self.metrics.fail(name, "root-missing")
+                log.warning("site %s: %s has no cachehub-site.json (unmounted export?): paused until it is back", name, store.root)
+        return out
 
     # -- jobs --------------------------------------------------------------------------------
     def sweep(self) -> None:
         """Reap dead leases, evict expired entries, then LRU while over capacity."""
         with self._context() as ctx:
+            failed = False
             for store in self.stores():
                 try:
                     _, result = evict.run(ctx, store, now=self.clock())
-                except CachehubError as exc:
-                    log.warning("sweep of %s failed: %s", store.site.name, exc)
+                except (CachehubError, OSError) as exc:
+                    failed = True
+                    self.metrics.fail(store.name, "sweep")
+                    log.warning("sweep of %s failed: %s", store.name, exc)
                     continue
                 if result is not None:
                     self._count_evictions(result.evicted)
+                    for ev in result.evicted:
+                        log.info("evicted %s@%s at %s (%s, %d bytes)", ev.entry.dataset, ev.entry.commit[:12], store.name, ev.reason, ev.entry.bytes)
+                    if result.gc_objects:
+                        log.info("gc at %s removed %d objects (%d bytes)", store.name, result.gc_objects, result.gc_bytes)
+            if not failed:
+                self.metrics.succeeded("sweep", self.clock())
 
     def _count_evictions(self, evicted: Iterable[evict.Eviction]) -> None:
         with self.metrics.lock:
@@ -182,7 +218,10 @@ class Daemon:
                 self._evict_purged(ctx)
                 audit.ship_quietly(ctx)
             except (CachehubError, OSError) as exc:
+                self.metrics.fail("", "refresh")
                 log.warning("refresh failed: %s", exc)
+                return
+            self.metrics.succeeded("refresh", self.clock())
 
     def _evict_purged(self, ctx: Context) -> None:
         """A purge on another host reaches this host's sites through the lake's tombstones."""
@@ -190,6 +229,8 @@ class Daemon:
         for store in self.stores():
             if any(store.is_cached(cid) for cid in purged):
                 removed = purge.evict_purged(ctx, store, [cid for cid in purged if store.is_cached(cid)])
+                for cid in removed:
+                    log.info("evicted %s at %s: purged from the lake", cid[:12], store.name)
                 with self.metrics.lock:
                     self.metrics.evictions["purged"] += len(removed)
 
@@ -197,7 +238,7 @@ class Daemon:
         """Cache every requested commit once per site; tell waiters about failures."""
         with self._context() as ctx:
             for store in self.stores():
-                name = store.site.name
+                name = store.name
                 for commit, requests in cache_queue.pending(store).items():
                     if self._stopped.is_set():
                         return
@@ -206,31 +247,45 @@ class Daemon:
                         result = cache.cache(ctx, ref, site=name)
                     except (CachehubError, OSError) as exc:
                         cache_queue.failed(requests, str(exc))
-                        with self.metrics.lock:
-                            self.metrics.failures += 1
+                        self.metrics.fail(name, "queue")
                         log.warning("queued cache of %s at %s failed: %s", ref, name, exc)
                         continue
                     self.metrics.record_cache(result)
                     cache_queue.done(requests)
+                    log.info(
+                        "cached %s at %s for %d queued request(s): fetched %d objects (%d bytes)",
+                        ref[: ref.index("@") + 13], name, len(requests), result.fetched_files, result.fetched_bytes,
+                    )  # fmt: skip
                     ctx.events.audit(
                         "queue-served", dataset=result.dataset, commit=commit, site=name, requests=len(requests), fetched_bytes=result.fetched_bytes
                     )
 
-    def check_subscription(self, sub_id: int) -> None:
-        """Cache the commit a subscription's ref names now, if the site lacks it."""
+    def check_subscription(self, sub_id: int) -> bool:
+        """Cache the commit a subscription's ref names now, if the site lacks it; False if that failed."""
         with self._context() as ctx:
             sub = ctx.catalog.subscription(sub_id)
             if sub is None:
-                return
+                return True
             try:
                 commit = index.resolve_commit(ctx, f"{sub.dataset}@{sub.ref}", refresh_first=True)
                 if ctx.store(sub.site).is_cached(commit.id):
-                    return
+                    self.metrics.succeeded(f"subscription:{sub_id}", self.clock())
+                    return True
                 result = cache.cache(ctx, f"{commit.dataset}@{commit.id}", site=sub.site)
             except (CachehubError, OSError) as exc:
-                log.warning("subscription %s failed: %s", sub_id, exc)
-                return
+                self.metrics.fail(sub.site, "subscription")
+                failures = self._sub_failures.get(sub_id, 0) + 1
+                log.warning(
+                    "subscription %s@%s at %s failed (%d in a row; next try in %s s): %s",
+                    sub.dataset, sub.ref, sub.site, failures, int(self._backoff(sub.every, failures)), exc,
+                )  # fmt: skip
+                return False
             self.metrics.record_cache(result)
+            self.metrics.succeeded(f"subscription:{sub_id}", self.clock())
+            log.info(
+                "prefetched %s@%s (%s) at %s: fetched %d objects (%d bytes)",
+                sub.dataset, sub.ref, commit.short, sub.site, result.fetched_files, result.fetched_bytes,
+            )  # fmt: skip
             with self.metrics.lock:
                 self.metrics.subscription_caches += 1
             ctx.events.audit(
@@ -260,9 +315,11 @@ class Daemon:
                 try:
                     report = verify.verify(ctx, f"{dataset}@{commit_id}", site=site, repair=True)
                 except (CachehubError, OSError) as exc:
+                    self.metrics.fail(site, "repair")
                     log.warning("repair of %s at %s failed: %s", commit_id[:12], site, exc)
                     continue
                 if report.repaired:
+                    log.info("repaired %d file(s) of %s@%s at %s", len(report.repaired), dataset, commit_id[:12], site)
                     with self.metrics.lock:
                         self.metrics.repairs += len(report.repaired)
 
@@ -274,15 +331,23 @@ class Daemon:
         """Check each subscription whose interval has passed (one job; no scheduler changes
         from job threads, which could deadlock against a shutdown)."""
         with self._context() as ctx:
-            subs = [s for s in ctx.catalog.subscriptions() if s.site in self.site_names]
-        now = time.monotonic()
+            subs = [s for s in ctx.catalog.subscriptions() if s.site in self.site_names and s.site not in self._missing]
         for sub in subs:
             if self._stopped.is_set():
                 return
-            last = self._sub_last.get(sub.id)
-            if last is None or now - last >= sub.every:
-                self._sub_last[sub.id] = now
-                self.check_subscription(sub.id)
+            if time.monotonic() < self._sub_next.get(sub.id, 0.0):
+                continue
+            if self.check_subscription(sub.id):
+                self._sub_failures.pop(sub.id, None)
+                self._sub_next[sub.id] = time.monotonic() + sub.every
+            else:
+                failures = self._sub_failures[sub.id] = self._sub_failures.get(sub.id, 0) + 1
+                self._sub_next[sub.id] = time.monotonic() + self._backoff(sub.every, failures)
+
+    @staticmethod
+    def _backoff(every: float, failures: int) -> float:
+        """After ``failures`` failures in a row: every, 2x, 4x... at most an hour (or ``every`` if longer)."""
+        return max(every, min(every * 2 ** (failures - 1), 3600.0))
 
     # -- watchdog ----------------------------------------------------------------------------
     def _start_watchdog(self) -> None:
@@ -305,7 +370,7 @@ class Daemon:
         for store in self.stores():
             commits = store.commits_dir
             commits.mkdir(parents=True, exist_ok=True)
-            observer.schedule(Handler(store.site.name, commits), str(commits), recursive=True)
+            observer.schedule(Handler(store.name, commits), str(commits), recursive=True)
         observer.daemon = True
         observer.start()
         self._observer = observer
@@ -328,11 +393,16 @@ class Daemon:
     def status(self) -> dict:
         """The daemon, its sites, subscriptions and counters, JSON-ready."""
         with self._context() as ctx:
-            sites = [to_dict(site_status(store)) for store in self.stores()]
+            sites = [to_dict(site_status(SiteStore(self.settings.site(name)))) for name in self.site_names]
             subs = [to_dict(s) for s in ctx.catalog.subscriptions()]
+        for s in subs:
+            s["failures_in_a_row"] = self._sub_failures.get(s["id"], 0)
         m = self.metrics
         with m.lock:
             total = m.fetched_bytes + m.reused_bytes
+            failures: dict[str, dict[str, int]] = {}
+            for (site, kind), n in m.failures.items():
+                failures.setdefault(site, {})[kind] = n
             metrics = {
                 "fetched_bytes": m.fetched_bytes,
                 "reused_bytes": m.reused_bytes,
@@ -340,8 +410,9 @@ class Daemon:
                 "caches": m.caches,
                 "evictions": dict(m.evictions),
                 "repairs": m.repairs,
-                "failures": m.failures,
+                "failures": failures,
                 "subscription_caches": m.subscription_caches,
+                "last_success": dict(m.last_success),
             }
         return {
             "daemon": {"pid": os.getpid(), "started": self.started, "uptime": self.clock() - self.started, "listen": self.address},

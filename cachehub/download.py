@@ -28,10 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import chunks
-from .errors import IntegrityError
+from .errors import IntegrityError, SiteDamagedError
 from .lake import Lake
 from .lanes import run_bounded, run_loop
-from .manifest import read_manifest
 from .progress import NULL, Progress
 from .store import CachedCommit, SiteStore
 
@@ -286,7 +285,11 @@ def chunk_bases(lake: Lake, store: SiteStore, wanted: Mapping[str, tuple[str, in
     for cached in list(candidates)[:4]:
         if not remaining:
             break
-        for entry in read_manifest(store.manifest_path(cached.manifest), validate=False):
+        try:
+            entries = store.manifest_entries(cached.manifest)
+        except SiteDamagedError:
+            continue  # chunk plans are optional: without that copy the objects are fetched whole
+        for entry in entries:
             target = remaining.get(entry.path)
             if target is not None and entry.sha256 != target[0] and entry.size > chunks.MIN_SIZE:
                 if os.path.exists(store.object_file(entry.sha256)):

@@ -72,6 +72,11 @@ class IntegrityError(CachehubError):
     exit_code = 9
 
 
+class SiteDamagedError(IntegrityError):
+    """Metadata kept at a site (a manifest copy, a metadata file) is missing or damaged and
+    could not be restored from the lake; nothing was removed because of it."""
+
+
 class UnsafePathError(CachehubError, ValueError):
     """A path is absolute, contains ``..`` or NUL, or would escape its root."""
 
@@ -100,3 +105,22 @@ class SiteNotFoundError(CachehubError, LookupError):
     """No site of that name is configured."""
 
     exit_code = 15
+
+
+class SiteMissingError(CachehubError, FileNotFoundError):
+    """A configured site's root does not carry its marker: an unmounted export, a wrong path,
+    or a deleted root. cachehub never recreates it."""
+
+    exit_code = 17
+
+
+class SitePermissionError(CachehubError, PermissionError):
+    """The filesystem refused an operation at a site (this user lacks the permission)."""
+
+    exit_code = 18
+
+
+class SiteIOError(CachehubError, OSError):
+    """The filesystem of a site failed (a stale or hung NFS mount, an I/O error)."""
+
+    exit_code = 19

@@ -30,7 +30,7 @@ again). A reader never gets a path to a tree that is being removed.
 
 from __future__ import annotations
 
-import os
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -38,14 +38,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import lease as leasemod
-from .gc import gc
-from .manifest import read_manifest
+from .errors import SiteDamagedError
+from .gc import expire_partials, gc
 from .model import Site
-from .store import CachedCommit, SiteStore, fs_space, remove_tree
+from .store import CachedCommit, ManifestSource, SiteStore, fs_space, remove_tree, site_errors
 
 if TYPE_CHECKING:
     from .context import Context
 
+log = logging.getLogger("cachehub.evict")
 RECENT_USE_SLACK = 2.0  # seconds: coarse NFS mtimes must not hide a use during eviction
 
 
@@ -221,14 +222,16 @@ def entry_state(store: SiteStore, c: CachedCommit, *, now: float, exclusive_byte
 
 
 def gather(
-    store: SiteStore, *, now: float | None = None, keep: set[bytes] | None = None
+    store: SiteStore, *, now: float | None = None, keep: set[bytes] | None = None, source: ManifestSource | None = None
 ) -> tuple[list[EntryState], int, list[tuple[int, tuple[str, ...]]]]:
     """The site's entries, its usage in bytes, and the content shared between entries.
 
     Usage counts ``objects/`` (plus the trees of a ``copy`` site). An entry's exclusive bytes
     are the content only it references; ``shared`` lists (bytes, commits): the total size of the
     content exactly those entries reference, freed only when all of them go. Content in ``keep`` (what a commit
-    being admitted will reuse) is never counted as freed.
+    being admitted will reuse) is never counted as freed. An entry whose manifest copy is lost
+    and cannot be fetched again (``source``) counts as freeing nothing (the gc after it removes
+    nothing either, gc.py), and is still evictable.
     """
     now = time.time() if now is None else now
     cached = list(store.cached())
@@ -238,7 +241,12 @@ def gather(
     refs: dict[bytes, int] = {}
     for i, c in enumerate(cached):
         bit = 1 << i
-        for entry in read_manifest(store.manifest_path(c.manifest), validate=False):
+        try:
+            entries = store.manifest_entries(c.manifest, source)
+        except SiteDamagedError as exc:
+            log.warning("%s", exc)
+            continue
+        for entry in entries:
             key = bytes.fromhex(entry.sha256)
             value = refs.get(key)
             refs[key] = (entry.size << width) | bit if value is None else value | bit
@@ -270,6 +278,7 @@ def plan(
     expired_only: bool = False,
     need_bytes: int = 0,
     keep: set[bytes] | None = None,
+    source: ManifestSource | None = None,
 ) -> EvictionPlan:
     """What an eviction at ``store`` would remove, and why; nothing is changed.
 
@@ -277,7 +286,7 @@ def plan(
     ``expired_only``) least recently used ones while the site is over its quota or free-space
     floor, or lacks ``need_bytes`` for an admission (``keep``: content it will reuse).
     """
-    entries, usage, shared = gather(store, now=now, keep=keep)
+    entries, usage, shared = gather(store, now=now, keep=keep, source=source)
     fs = fs_space(store.root)
     return plan_eviction(
         entries, store.site, now=now, usage=usage, fs_free=fs["fs_free"], fs_total=fs["fs_total"], need_bytes=need_bytes,
@@ -310,7 +319,9 @@ class EvictionResult:
     gc_bytes: int
 
 
-def execute(store: SiteStore, plan: EvictionPlan, *, keep: set[bytes] | None = None, own_lock: Path | None = None) -> EvictionResult:
+def execute(
+    store: SiteStore, plan: EvictionPlan, *, keep: set[bytes] | None = None, own_lock: Path | None = None, source: ManifestSource | None = None
+) -> EvictionResult:
     """Carry out a plan with the unpublish/re-check/restore protocol, then collect garbage.
 
     A ``purged`` eviction is not re-checked (an erased commit goes even if read meanwhile);
@@ -343,14 +354,14 @@ def execute(store: SiteStore, plan: EvictionPlan, *, keep: set[bytes] | None = N
                 marker.unlink(missing_ok=True)
         remove_tree(trash)
         done.append(ev)
-    objects, nbytes = gc(store, keep=keep, own_lock=own_lock, doomed=doomed or None)
+    objects, nbytes = gc(store, keep=keep, own_lock=own_lock, doomed=doomed or None, source=source)
     return EvictionResult(tuple(done), tuple(restored), objects, nbytes)
 
 
 def _content_of(store: SiteStore, manifest_id: str) -> set[bytes]:
     try:
-        return {bytes.fromhex(e.sha256) for e in read_manifest(store.manifest_path(manifest_id), validate=False)}
-    except (FileNotFoundError, ValueError):
+        return {bytes.fromhex(e.sha256) for e in store.manifest_entries(manifest_id)}
+    except (SiteDamagedError, ValueError):
         return set()
 
 
@@ -359,21 +370,21 @@ def record(ctx: Context, store: SiteStore, result: EvictionResult, reason: str |
     catalog = ctx.catalog
     with catalog.transaction():
         for ev in result.evicted:
-            catalog.remove_cache_entry(store.site.name, ev.entry.commit)
+            catalog.remove_cache_entry(store.name, ev.entry.commit)
             ctx.events.audit(
-                "evict", dataset=ev.entry.dataset, commit=ev.entry.commit, site=store.site.name, reason=reason or ev.reason, bytes=ev.entry.bytes
+                "evict", dataset=ev.entry.dataset, commit=ev.entry.commit, site=store.name, reason=reason or ev.reason, bytes=ev.entry.bytes
             )
         for cid in result.restored:
-            ctx.events.audit("evict-abandoned", commit=cid, site=store.site.name, reason="used or leased during eviction")
+            ctx.events.audit("evict-abandoned", commit=cid, site=store.name, reason="used or leased during eviction")
         if result.gc_objects:
-            ctx.events.audit("gc", site=store.site.name, objects=result.gc_objects, bytes=result.gc_bytes)
+            ctx.events.audit("gc", site=store.name, objects=result.gc_objects, bytes=result.gc_bytes)
 
 
 def apply(
     ctx: Context, store: SiteStore, plan: EvictionPlan, *, reason: str | None = None, keep: set[bytes] | None = None, own_lock: Path | None = None
 ) -> EvictionResult:
     """Execute ``plan`` and record it: the one way every eviction is carried out."""
-    result = execute(store, plan, keep=keep, own_lock=own_lock)
+    result = execute(store, plan, keep=keep, own_lock=own_lock, source=ctx.manifest_source())
     record(ctx, store, result, reason)
     return result
 
@@ -395,6 +406,13 @@ def run(
     ones while the site is over its quota or free-space floor. Leases of dead holders are
     reaped first, and garbage collected first (so capacity is judged on what entries hold).
     """
+    with site_errors(store, "evict"):
+        return _run(ctx, store, only=only, expired_only=expired_only, dry_run=dry_run, now=now, reason=reason)
+
+
+def _run(
+    ctx: Context, store: SiteStore, *, only: Iterable[str] | None, expired_only: bool, dry_run: bool, now: float | None, reason: str | None
+) -> tuple[EvictionPlan, EvictionResult | None]:
     from . import audit
     from .errors import ConflictError
 
@@ -402,13 +420,19 @@ def run(
     if not dry_run:
         for dead in leasemod.reap(store, now):
             ctx.events.audit(
-                "lease-reap", commit=dead.commit, site=store.site.name, lease=dead.id, host=dead.host, pid=dead.pid, reason="holder gone"
+                "lease-reap", commit=dead.commit, site=store.name, lease=dead.id, host=dead.host, pid=dead.pid, reason="holder gone"
             )
         if only is None:
-            gc(store)
-    the_plan = plan(store, now=now, only=only, expired_only=expired_only)
+            for p in expire_partials(store, now):
+                log.info("partial cache of %s at %s expired (kept %s): its objects go with this gc", p.commit[:12], store.name, store.site.keep_partial)
+                ctx.events.audit("partial-expired", dataset=p.dataset, commit=p.commit, site=store.name, host=p.host)
+            removed, freed = gc(store, source=ctx.manifest_source())
+            if removed:
+                log.info("gc at %s removed %d objects (%d bytes) no cached commit uses", store.name, removed, freed)
+                ctx.events.audit("gc", site=store.name, objects=removed, bytes=freed)
+    the_plan = plan(store, now=now, only=only, expired_only=expired_only, source=ctx.manifest_source())
     if not dry_run and the_plan.evict:
-        ctx.events.hook("pre_evict", site=store.site.name, commits=[e.entry.commit for e in the_plan.evict])
+        ctx.events.hook("pre_evict", site=store.name, commits=[e.entry.commit for e in the_plan.evict])
     if only is not None:
         refused = [f"{e.dataset}@{e.commit[:12]} ({why})" for e, why in the_plan.kept]
         if refused:
@@ -417,7 +441,7 @@ def run(
         return the_plan, None
     result = apply(ctx, store, the_plan, reason=reason)
     if result.evicted:
-        ctx.events.hook("post_evict", site=store.site.name, commits=[e.entry.commit for e in result.evicted])
+        ctx.events.hook("post_evict", site=store.name, commits=[e.entry.commit for e in result.evicted])
         audit.ship_quietly(ctx)
     return the_plan, result
 

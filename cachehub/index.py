@@ -9,6 +9,7 @@ know the answer; ``rebuild`` re-reads the whole lake and the site roots.
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC
 
 from .context import Context
 from .errors import AmbiguousRefError, CachehubError, DatasetNotFoundError, RefNotFoundError
@@ -58,12 +59,16 @@ def read_dataset(
     return commits, lake.tags(dataset), problems
 
 
-def resolve_commit(ctx: Context, ref: str | Ref, *, refresh_first: bool = False) -> Commit:
-    """The commit a ``name@ref`` names; distinct errors for unknown dataset, ref, ambiguity."""
+def resolve_commit(ctx: Context, ref: str | Ref, *, refresh_first: bool = False, max_age: float | None = None) -> Commit:
+    """The commit a ``name@ref`` names; distinct errors for unknown dataset, ref, ambiguity.
+
+    ``max_age``: a tag (or ``latest``) the catalog read from the lake longer ago than this many
+    seconds is read again first, so the answer is never staler than that (commit ids never move).
+    """
     parsed = Ref.of(ref)
     catalog = ctx.catalog
-    fresh = refresh_first
-    if refresh_first or not catalog.has_dataset(parsed.dataset):
+    fresh = refresh_first or (max_age is not None and _stale(ctx, parsed, max_age))
+    if fresh or not catalog.has_dataset(parsed.dataset):
         if not refresh(ctx, parsed.dataset) and not catalog.has_dataset(parsed.dataset):
             known = catalog.dataset_names()
             hint = f"known datasets: {', '.join(known[:10])}" if known else "the catalog is empty"
@@ -86,6 +91,24 @@ def resolve_commit(ctx: Context, ref: str | Ref, *, refresh_first: bool = False)
             ref=parsed.ref,
         )
     return found
+
+
+def lookup_local(ctx: Context, ref: str | Ref) -> Commit | None:
+    """What the catalog alone says ``ref`` names (no lake access), or None."""
+    return _lookup(ctx, Ref.of(ref))
+
+
+def _stale(ctx: Context, parsed: Ref, max_age: float) -> bool:
+    """Is what the catalog knows of ``parsed``'s tags older than ``max_age`` seconds?"""
+    if parsed.is_full_id:
+        return False
+    when = ctx.catalog.refreshed(parsed.dataset)
+    if when is None:
+        return True
+    from datetime import datetime
+
+    age = ctx.now() - datetime.strptime(when, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+    return age > max_age and (parsed.ref == LATEST or not parsed.could_be_commit or ctx.catalog.tag(parsed.dataset, parsed.ref) is not None)
 
 
 def purged(ctx: Context, parsed: Ref) -> Tombstone | None:

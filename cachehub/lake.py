@@ -348,6 +348,16 @@ class Lake:
         self.backend.write(key, lines, if_none_match=True)
         return key
 
+    def audit_batch_matches(self, origin: str, events: list[dict]) -> bool:
+        """Does the lake's batch for these events hold exactly them (a ship that died before it
+        marked them shipped), rather than other events under the same key (a diverged trail)?"""
+        key = audit_batch_key(origin, events[0]["origin_seq"], events[-1]["origin_seq"])
+        try:
+            data, _ = self.backend.read(key)
+        except FileNotFoundError:
+            return False
+        return data == b"".join(canonical_json(audit_wire(e)) + b"\n" for e in events)
+
     def audit_events(self) -> Iterator[dict]:
         """Every shipped audit event (wire form), batch by batch in key order."""
         for key in sorted(k for k in self.backend.list("audit/") if k.endswith(".jsonl")):

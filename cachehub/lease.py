@@ -58,7 +58,7 @@ class Lease:
         self.id = f"{HOST}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
         self.path = store.lease_dir(commit_id) / f"{self.id}.json"
         self.timeout = timeout
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        store.make_dirs(self.path.parent)
         body = {
             "format_version": 1,
             "lease": self.id,
@@ -152,7 +152,7 @@ def reap(store: SiteStore, now: float | None = None) -> list[LeaseInfo]:
 def pin(store: SiteStore, commit_id: str, *, user: str, reason: str = "") -> bool:
     """Pin an entry; False if it was already pinned."""
     path = store.pin_path(commit_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    store.make_dirs(path.parent)
     body = {"format_version": 1, "commit": commit_id, "user": user, "host": HOST, "pinned": now_iso(), "reason": reason}
     try:
         atomic_write(path, canonical_json(body), exclusive=True)

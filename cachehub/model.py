@@ -111,6 +111,8 @@ class Site:
     low_watermark: float = 0.8  # capacity eviction frees down to this fraction of the quota
     min_free: float = 0.0  # fraction of the filesystem to keep free; 0 disables
     grace: float = 600.0  # a bare resolve() protects an entry this many seconds
+    keep_partial: float = 86400.0  # objects of an interrupted cache are kept this long for a re-run
+    group: str | None = None  # Unix group sharing the site: trees group-readable, state dirs group-writable
 
 
 @dataclass(frozen=True)

@@ -37,10 +37,10 @@ def erase(ctx: Context, commit: Commit, *, reason: str) -> PurgeResult:
     """Erase a commit's unshared content from the lake and every configured site."""
     stores = ctx.stores()
     for store in stores:
-        held = lease.live_leases(store, commit.id) if store.root.exists() else []
+        held = lease.live_leases(store, commit.id) if store.exists() else []
         if held:
             who = ", ".join(f"{x.user}@{x.host} pid {x.pid}" for x in held)
-            raise ConflictError(f"{commit.dataset}@{commit.short} is leased at site {store.site.name} by {who}; purge when they finish")
+            raise ConflictError(f"{commit.dataset}@{commit.short} is leased at site {store.name} by {who}; purge when they finish")
     lake = ctx.lake
     # content used by any other commit of any dataset stays
     shared: set[str] = set()
@@ -66,7 +66,7 @@ def erase(ctx: Context, commit: Commit, *, reason: str) -> PurgeResult:
     if not same_tree:
         lake.delete_manifest(commit.manifest)
     lake.delete_commit(commit.dataset, commit.id)
-    evicted = [store.site.name for store in stores if store.root.exists() and evict_purged(ctx, store, [commit.id])]
+    evicted = [store.name for store in stores if store.exists() and evict_purged(ctx, store, [commit.id])]
     with ctx.catalog.transaction():
         ctx.catalog.add_tombstone(tombstone)
     return PurgeResult(

@@ -69,7 +69,7 @@ def copy_out(ctx: Context, commit: Commit, directory: Path, *, jobs: int) -> Res
         remove_tree(directory)
         raise
     _remember_hashes(ctx, directory, entries)
-    return RestoreResult(commit.dataset, commit.id, str(directory), commit.files, commit.bytes, source.site.name if source else None)
+    return RestoreResult(commit.dataset, commit.id, str(directory), commit.files, commit.bytes, source.name if source else None)
 
 
 def _remember_hashes(ctx: Context, directory: Path, entries: list) -> None:

@@ -68,6 +68,18 @@ class CachedCommitStatus(Fields):
 
 
 @dataclass(frozen=True, eq=False)
+class PartialStatus(Fields):
+    """A cache that fetched objects and stopped: they are kept until ``expires`` for a re-run."""
+
+    dataset: str
+    commit: str
+    host: str
+    started: str | None  # ISO 8601, UTC: when it last ran
+    expires: str | None
+    running: bool
+
+
+@dataclass(frozen=True, eq=False)
 class SiteStatus(Fields):
     """One site as ``cachehub status`` shows it: what it holds and how full it is."""
 
@@ -88,6 +100,8 @@ class SiteStatus(Fields):
     fs_total: int | None
     fs_used: int | None
     fs_free: int | None
+    partial: tuple[PartialStatus, ...] = ()
+    state: str = "ok"  # "ok", or "missing": the root has no marker (an unmounted export?)
 
 
 @dataclass(frozen=True, eq=False)

@@ -59,6 +59,16 @@ def prometheus(st: dict) -> str:
     for reason in ("expired", "capacity", "manual", "admission", "purged"):
         lines.append(f'cachehub_evictions_total{{reason="{reason}"}} {m["evictions"].get(reason, 0)}')
     lines += ["# HELP cachehub_repairs_total Files repaired after a change was detected.", "# TYPE cachehub_repairs_total counter", f"cachehub_repairs_total {m['repairs']}"]
+    lines += ["# HELP cachehub_failures_total Failed daemon actions, by site and kind.", "# TYPE cachehub_failures_total counter"]
+    for site, kinds in sorted(m["failures"].items()):
+        for kind, n in sorted(kinds.items()):
+            lines.append(f'cachehub_failures_total{{site="{site}",kind="{kind}"}} {n}')
+    lines += ["# HELP cachehub_last_success_timestamp_seconds When each job last succeeded.", "# TYPE cachehub_last_success_timestamp_seconds gauge"]
+    for job, when in sorted(m["last_success"].items()):
+        lines.append(f'cachehub_last_success_timestamp_seconds{{job="{job}"}} {when:.3f}')
+    lines += ["# HELP cachehub_site_up 1 if the site's root carries its marker (0: missing, paused).", "# TYPE cachehub_site_up gauge"]
+    for s in st["sites"]:
+        lines.append(f'cachehub_site_up{{site="{s["site"]}"}} {1 if s.get("state", "ok") == "ok" else 0}')
     gauges = [
         ("cachehub_leases", "Live leases at the site.", "leases"),
         ("cachehub_queue_depth", "Cache requests waiting at the site.", "queue_depth"),

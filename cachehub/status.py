@@ -6,13 +6,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from . import cache_queue, lease
-from .results import CachedCommitStatus, LeaseStatus, SiteStatus
+from .results import CachedCommitStatus, LeaseStatus, PartialStatus, SiteStatus
 from .store import SiteStore, fs_space
 
 
 def site_status(store: SiteStore) -> SiteStatus:
     """Per site: cached commits, their sizes, bytes shared between them, filesystem space."""
-    laid_out = store.root.exists()
+    laid_out = store.exists()
     commits = list(store.cached()) if laid_out else []
     objects, object_bytes = store.object_bytes() if commits else (0, 0)
     logical = sum(c.bytes for c in commits)
@@ -20,7 +20,7 @@ def site_status(store: SiteStore) -> SiteStatus:
         object_bytes += logical
     live = [x for x in lease.leases(store) if x.live()] if laid_out else []
     return SiteStatus(
-        site=store.site.name,
+        site=store.name,
         root=str(store.root),
         link=store.site.link,
         commits=tuple(
@@ -37,6 +37,11 @@ def site_status(store: SiteStore) -> SiteStatus:
         queue_depth=cache_queue.depth(store) if laid_out else 0,
         daemon=cache_queue.daemon_info(store) if laid_out else None,
         **fs_space(store.root),
+        state="ok" if laid_out else "missing",
+        partial=tuple(
+            PartialStatus(p.dataset, p.commit, p.host, iso(p.started), iso(p.started + store.site.keep_partial), store.partial_builder_alive(p))
+            for p in (store.partials() if laid_out else ())
+        ),
     )
 
 

@@ -32,23 +32,51 @@ import itertools
 import json
 import os
 import shutil
+import stat
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .errors import FormatError, NoSpaceError
+from .errors import (
+    CachehubError,
+    ConfigError,
+    ConflictError,
+    FormatError,
+    NoSpaceError,
+    SiteDamagedError,
+    SiteIOError,
+    SiteMissingError,
+    SitePermissionError,
+)
 from .fsutil import HOST, atomic_write, unique_suffix
 from .lake import canonical_json, now_iso
-from .model import CacheEntry, Commit, Site
+from .manifest import read_manifest
+from .model import CacheEntry, Commit, ManifestEntry, Site
 
 MARKER = "cachehub-site.json"
+POLICY_FORMAT = "cachehub-site-policy"
+POLICY_FIELDS = ("link", "ttl", "quota", "low_watermark", "min_free", "grace", "keep_partial", "group")
 SITE_FORMAT = "cachehub-site"
 SITE_FORMAT_VERSION = 1
 META_FORMAT_VERSION = 1
 LOCK_STALE_SECONDS = 30.0
 FALLBACK_ERRNOS = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP}
+# a verified local copy of a manifest, by id (Context.manifest_source): what restores a site's copy
+ManifestSource = Callable[[str], Path]
+
+
+@dataclass(frozen=True)
+class PartialBuild:
+    """A cache that started fetching and has not published (yet, or ever: it was interrupted)."""
+
+    commit: str
+    dataset: str
+    manifest: str
+    host: str
+    started: float  # mtime of its record: when it last started or resumed
 
 
 @dataclass(frozen=True)
@@ -66,13 +94,30 @@ class CachedCommit:
 
 
 class SiteStore:
-    """File operations on one site root. Cheap to construct; touches nothing until asked."""
+    """File operations on one site root. Cheap to construct; touches nothing until asked.
+
+    ``site`` comes from a home's configuration: its name and root. The policy (TTL, quota,
+    link mode...) lives in the root (``policy/``) so that every host applies the same one;
+    ``store.site`` reads it on first use. The configuration's own policy values only seed the
+    root's first policy document when a site made by an older cachehub is first used.
+    """
 
     def __init__(self, site: Site) -> None:
-        self.site = site
+        self._configured = site
+        self._site: Site | None = None
         self.root = Path(site.root)
         self._objects = f"{site.root}/objects/sha256"
         self._tmp = f"{site.root}/tmp"
+
+    @property
+    def site(self) -> Site:
+        """The site with the policy its root holds (read once per store; migrated if absent)."""
+        if self._site is None:
+            policy = self.read_policy()
+            if policy is None and self.exists():
+                policy = self._migrate_policy()
+            self._site = self._configured if policy is None else replace(self._configured, **_policy_values(policy))
+        return self._site
 
     # -- layout ------------------------------------------------------------------------------
     def object_path(self, sha256: str) -> Path:
@@ -101,6 +146,48 @@ class SiteStore:
 
     def used_path(self, commit_id: str) -> Path:
         return self.root / "used" / commit_id
+
+    def manifest_entries(self, manifest_id: str, source: ManifestSource | None = None) -> Iterator[ManifestEntry]:
+        """The entries of the site's copy of a manifest (validated when it entered any cache).
+
+        A missing copy -- removed by an older gc, or lost with a crash -- is put back from
+        ``source`` (a verified copy, e.g. downloaded from the lake); without one, or if that
+        fails, SiteDamagedError says so and nothing is guessed.
+        """
+        path = self.manifest_path(manifest_id)
+        if not os.path.exists(path):
+            if source is None:
+                raise SiteDamagedError(
+                    f"site {self.name} lost its copy of manifest {manifest_id}; run cachehub verify on the commits "
+                    "that use it (or any command with the lake reachable) to fetch it again",
+                    site=self.name,
+                    manifest=manifest_id,
+                ) from None
+            try:
+                local = source(manifest_id)
+            except Exception as exc:  # noqa: BLE001 - any failure to restore is reported the same way
+                raise SiteDamagedError(
+                    f"site {self.name} lost its copy of manifest {manifest_id} and it could not be fetched again "
+                    f"({exc}); re-run when the lake is reachable",
+                    site=self.name,
+                    manifest=manifest_id,
+                ) from exc
+            self.keep_manifest(manifest_id, local)
+        return read_manifest(path, validate=False)
+
+    def keep_manifest(self, manifest_id: str, local: Path) -> Path:
+        """Write (or refresh the mtime of) the site's copy of a manifest from a verified local copy.
+
+        A fresh mtime is what tells a gc running elsewhere that the copy was just needed: gc
+        removes only manifest copies older than its minimum age (gc.py).
+        """
+        path = self.manifest_path(manifest_id)
+        try:
+            os.utime(path)
+        except (FileNotFoundError, PermissionError):  # absent, or another user's copy: write ours
+            self.make_dirs(path.parent)
+            atomic_write(path, local.read_bytes())
+        return path
 
     @property
     def marker_path(self) -> Path:
@@ -135,6 +222,90 @@ class SiteStore:
     def locks_dir(self) -> Path:
         return self.root / "locks"
 
+    @property
+    def name(self) -> str:
+        return self._configured.name
+
+    def make_dirs(self, path: Path) -> None:
+        """``mkdir -p`` of a directory under the root -- never of the root itself: a root that
+        vanished (an unmounted export) raises SiteMissingError instead of coming back empty."""
+        if path.is_dir():
+            return
+        try:
+            path.mkdir()
+        except FileExistsError:
+            return
+        except FileNotFoundError:
+            if not self.exists():
+                self.check()
+            self.make_dirs(path.parent)
+            try:
+                path.mkdir()
+            except FileExistsError:
+                return
+        if self.site.group:  # setgid is inherited; the group's write permission is not (umask)
+            _share_with_group(path, self.site.group)
+
+    def partial_builder_alive(self, partial: PartialBuild) -> bool:
+        """Is the cache that wrote ``partial`` still running (its build lock is live)?"""
+        lock = self.locks_dir / f"{partial.commit}.lock"
+        return lock.exists() and not lock_is_stale(lock)
+
+    # -- refs: under which names this site holds each commit (offline resolution) ---------------
+    def ref_path(self, dataset: str, ref: str) -> Path:
+        return self.root / "refs" / dataset / f"{ref}.json"
+
+    def record_refs(self, dataset: str, refs: Iterable[str], commit_id: str) -> None:
+        """Note that ``dataset@ref`` named ``commit_id`` when it was cached here (for each ref)."""
+        for ref in refs:
+            path = self.ref_path(dataset, ref)
+            try:
+                if json.loads(path.read_bytes()).get("commit") == commit_id:
+                    os.utime(path)  # still true: only its time moves
+                    continue
+            except (FileNotFoundError, ValueError, PermissionError):
+                pass  # absent, damaged, or another user's file: written again below
+            self.make_dirs(path.parent)
+            body = {"format_version": 1, "dataset": dataset, "ref": ref, "commit": commit_id, "host": HOST, "recorded": now_iso()}
+            atomic_write(path, canonical_json(body), durable=False)
+
+    def site_ref(self, dataset: str, ref: str) -> tuple[str, float] | None:
+        """(commit id, when it was last recorded) for ``dataset@ref`` at this site, or None."""
+        path = self.ref_path(dataset, ref)
+        try:
+            body = json.loads(path.read_bytes())
+            return body["commit"], path.stat().st_mtime
+        except (FileNotFoundError, ValueError, KeyError):
+            return None
+
+    def partial_path(self, commit_id: str) -> Path:
+        return self.root / "partial" / f"{commit_id}.json"
+
+    def begin_partial(self, commit: Commit) -> None:
+        """Record that a cache of ``commit`` is fetching: gc keeps what it fetched until it publishes,
+        or for the site's ``keep_partial`` after it stopped (a re-run resumes from it)."""
+        body = {"format_version": 1, "commit": commit.id, "dataset": commit.dataset, "manifest": commit.manifest, "host": HOST, "pid": os.getpid(), "started": now_iso()}
+        path = self.partial_path(commit.id)
+        self.make_dirs(path.parent)
+        atomic_write(path, canonical_json(body), durable=False)
+
+    def end_partial(self, commit_id: str) -> None:
+        self.partial_path(commit_id).unlink(missing_ok=True)
+
+    def partials(self) -> list[PartialBuild]:
+        """Every recorded partial cache at the site (O(partial caches), not O(objects))."""
+        base = self.root / "partial"
+        out = []
+        for name in sorted(os.listdir(base)) if base.exists() else ():
+            path = base / name
+            try:
+                body = json.loads(path.read_bytes())
+                started = path.stat().st_mtime
+            except (FileNotFoundError, ValueError):
+                continue
+            out.append(PartialBuild(body["commit"], body.get("dataset", ""), body["manifest"], body.get("host", ""), started))
+        return out
+
     def mark_evicting(self, commit_id: str) -> Path | None:
         """Create the eviction marker of ``commit_id`` (atomic create); None if another evictor holds it.
 
@@ -142,7 +313,7 @@ class SiteStore:
         that finds it waits (``wait_while_evicting``) before it looks for the tree.
         """
         path = self.evicting_path(commit_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self.make_dirs(path.parent)
         try:
             atomic_write(path, f"{HOST} {os.getpid()} {time.time():.3f}\n".encode(), exclusive=True, durable=False)
             return path
@@ -196,30 +367,120 @@ class SiteStore:
     def trash_path(self, commit_id: str) -> Path:
         """A fresh, process-unique place in ``trash/`` for a tree being removed."""
         path = self.root / "trash" / f"{commit_id}.{unique_suffix()}"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self.make_dirs(path.parent)
         return path
 
-    def ensure(self) -> None:
-        """Create the layout (idempotent) and check the root's format version."""
+    def check(self) -> None:
+        """Refuse a root without its marker (never recreate it) or of an unknown format version."""
         marker = self.marker_path
-        if marker.exists():
+        try:
             body = json.loads(marker.read_bytes())
-            if body.get("format") != SITE_FORMAT or body.get("format_version") != SITE_FORMAT_VERSION:
-                raise FormatError(
-                    f"{marker} is format {body.get('format')} v{body.get('format_version')}; "
-                    f"this cachehub reads {SITE_FORMAT} v{SITE_FORMAT_VERSION}: upgrade cachehub or use another root"
-                )
+        except FileNotFoundError:
+            raise SiteMissingError(
+                f"site {self.name}: {self.root} has no {MARKER}. If it lives on NFS, the export is probably not mounted "
+                f"(check with: ls {self.root.parent}); mount it and re-run. cachehub never recreates a site root: to start "
+                f"an empty site there, run: cachehub site set {self.name} --root {self.root} --create",
+                site=self.name,
+                root=str(self.root),
+            ) from None
+        except ValueError:
+            raise FormatError(f"{marker} is not JSON: the site's marker is damaged; restore it from another host's view or re-create the site") from None
+        if body.get("format") != SITE_FORMAT or body.get("format_version") != SITE_FORMAT_VERSION:
+            raise FormatError(
+                f"{marker} is format {body.get('format')} v{body.get('format_version')}; "
+                f"this cachehub reads {SITE_FORMAT} v{SITE_FORMAT_VERSION}: upgrade cachehub or use another root"
+            )
+
+    def ensure(self) -> None:
+        """Lay out the root if needed (``create``): for ``site add`` and tools; workers ``check``."""
+        self.create()
+
+    def create(self, *, by: str = "") -> None:
+        """Lay out a new site root, or check an existing one (idempotent): only ``site add``,
+        ``init`` (the embedded default site) and ``--create`` call this."""
+        if self.marker_path.exists():
+            self.check()
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        for sub in ("objects/sha256", "commits", "meta", "manifests", "used", "staging", "tmp", "locks", "trash"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-        for i in range(256):  # so storing an object never needs a mkdir
-            (self.root / "objects" / "sha256" / f"{i:02x}").mkdir(exist_ok=True)
-        body = {"format": SITE_FORMAT, "format_version": SITE_FORMAT_VERSION, "name": self.site.name, "created": now_iso()}
+        subdirs = ["objects", "objects/sha256", "commits", "meta", "manifests", "used", "staging", "tmp", "locks", "trash", "policy"]
+        subdirs += [f"objects/sha256/{i:02x}" for i in range(256)]  # so storing an object never needs a mkdir
+        for sub in subdirs:
+            (self.root / sub).mkdir(exist_ok=True)
+        group = self._configured.group
+        if group:  # every directory of the root belongs to the team, group-writable and setgid
+            for path in (self.root, *(self.root / sub for sub in subdirs)):
+                _share_with_group(path, group)
+        if self.read_policy() is None:
+            try:
+                self._write_policy(1, self._configured, by=by or "site-create")
+            except ConflictError:
+                pass  # another process is laying out the same root at the same moment: its policy stands
+        body = {"format": SITE_FORMAT, "format_version": SITE_FORMAT_VERSION, "name": self.name, "created": now_iso()}
         try:
-            atomic_write(marker, canonical_json(body), exclusive=True)
+            atomic_write(self.marker_path, canonical_json(body), exclusive=True)  # last: the root is complete
         except FileExistsError:
             pass
+
+    # -- the policy, kept in the root ----------------------------------------------------------
+    @property
+    def policy_dir(self) -> Path:
+        return self.root / "policy"
+
+    def read_policy(self) -> dict | None:
+        """The newest policy document (``policy/<version>.json``), or None if there is none."""
+        try:
+            versions = sorted(n for n in os.listdir(self.policy_dir) if n.endswith(".json") and n[:-5].isdigit())
+        except FileNotFoundError:
+            return None
+        for name in reversed(versions):
+            try:
+                body = json.loads((self.policy_dir / name).read_bytes())
+            except FileNotFoundError:
+                continue
+            except ValueError:
+                raise FormatError(f"{self.policy_dir / name} is not JSON: the site policy is damaged; set it again with cachehub site set") from None
+            if body.get("format") != POLICY_FORMAT or body.get("format_version") != 1:
+                raise FormatError(f"{self.policy_dir / name} is not a {POLICY_FORMAT} v1 document: upgrade cachehub")
+            return body
+        return None
+
+    def update_policy(self, changed: Site, *, expect: int | None, by: str) -> int:
+        """Write ``changed``'s policy as the next version; ConflictError if ``expect`` is no longer current.
+
+        Compare-and-swap on any filesystem, NFS included: the next version's file is created
+        exclusively (``link``), so of two hosts changing the policy at once exactly one wins.
+        """
+        current = self.read_policy()
+        version = current["version"] if current else 0
+        if expect is not None and version != expect:
+            raise ConflictError(f"site {self.name}'s policy changed meanwhile (now version {version}); look with: cachehub site show {self.name}")
+        self._write_policy(version + 1, changed, by=by)
+        self._site = None
+        return version + 1
+
+    def _write_policy(self, version: int, site: Site, *, by: str) -> None:
+        body = {"format": POLICY_FORMAT, "format_version": 1, "version": version, **{k: getattr(site, k) for k in POLICY_FIELDS}}
+        body.update(changed_by=by, host=HOST, changed_at=now_iso())
+        self.policy_dir.mkdir(exist_ok=True)
+        try:
+            atomic_write(self.policy_dir / f"{version:08d}.json", canonical_json(body), exclusive=True)
+        except FileExistsError:
+            raise ConflictError(
+                f"site {self.name}'s policy was changed by someone else at the same moment; nothing changed. "
+                f"Look with: cachehub site show {self.name}, then re-run"
+            ) from None
+        if group := site.group:
+            _share_with_group(self.policy_dir / f"{version:08d}.json", group)
+
+    def _migrate_policy(self) -> dict | None:
+        """A root laid out by an older cachehub has no policy: this home's values become version 1."""
+        try:
+            self._write_policy(1, self._configured, by="migration")
+        except ConflictError:
+            pass  # another host migrated it at the same moment: its values stand
+        except OSError:
+            return None  # a read-only view of the root: use this home's values
+        return self.read_policy()
 
     # -- state -------------------------------------------------------------------------------
     def is_cached(self, commit_id: str) -> bool:
@@ -231,8 +492,12 @@ class SiteStore:
         try:
             os.utime(path)
         except FileNotFoundError:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.touch()
+            self.make_dirs(path.parent)
+            # group-writable on a shared site: the next user's utime needs write access to it
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o664 if self.site.group else 0o644)
+            os.close(fd)
+            if self.site.group:
+                os.chmod(path, 0o664)
 
     def last_used(self, commit_id: str) -> float | None:
         try:
@@ -308,8 +573,8 @@ class SiteStore:
             _unlink_quietly(tmp)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise NoSpaceError(
-                    f"site {self.site.name} ({self.root}) is full; free space there (or cache to another site) and re-run",
-                    site=self.site.name,
+                    f"site {self.name} ({self.root}) is full; free space there (or cache to another site) and re-run",
+                    site=self.name,
                 ) from exc
             raise
 
@@ -326,6 +591,7 @@ class SiteStore:
 
     def lock(self, commit_id: str, manifest: str = "") -> BuildLock | None:
         """Take the advisory lock for building ``commit_id`` (from ``manifest``); None if a live builder holds it."""
+        self.make_dirs(self.locks_dir)
         return BuildLock.acquire(self.locks_dir / f"{commit_id}.lock", manifest)
 
     def building(self) -> dict[Path, str]:
@@ -347,26 +613,45 @@ class SiteStore:
 
     def new_staging(self, commit_id: str) -> Path:
         path = self.root / "staging" / f"{commit_id}.{unique_suffix()}"
-        path.mkdir(parents=True)
+        self.make_dirs(path.parent)
+        path.mkdir()
         return path
 
     def publish(self, staging: Path, commit_id: str) -> bool:
-        """Rename a finished tree into place; False (and staging removed) if another won the race."""
+        """Rename a finished tree into place; False (and staging removed) if another won the race.
+
+        Moving a directory to another parent needs write permission on it (for every user but
+        root), so the read-only top is made writable for the rename and read-only again after.
+        """
         target = self.commit_path(commit_id)
+        mode = stat.S_IMODE(os.stat(staging).st_mode)
+        os.chmod(staging, mode | 0o200)
         try:
             os.rename(staging, target)
-            return True
         except OSError as exc:
             if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
                 remove_tree(staging)
                 return False
             raise
+        os.chmod(target, mode)
+        return True
 
     def unpublish(self, commit_id: str) -> Path | None:
-        """Atomically take a tree out of ``commits/``; returns where it went, for deletion."""
+        """Atomically take a tree out of ``commits/``; returns where it went, for deletion.
+
+        The tree's top must be writable for the move: its owner makes it so; on a group site the
+        group may write it already (``make_tree_readonly``), so another member can move it too.
+        """
         trash = self.trash_path(commit_id)
+        path = self.commit_path(commit_id)
         try:
-            os.rename(self.commit_path(commit_id), trash)
+            os.chmod(path, stat.S_IMODE(os.stat(path).st_mode) | 0o200)
+        except PermissionError:
+            pass  # another user's tree: the group's write permission has to do
+        except FileNotFoundError:
+            return None
+        try:
+            os.rename(path, trash)
         except FileNotFoundError:
             return None
         return trash
@@ -406,7 +691,7 @@ class BuildLock:
 
         The manifest id tells a gc at the site which content this build needs (``building``).
         """
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(exist_ok=True)
         for _ in range(3):
             try:
                 text = f"{HOST} {os.getpid()} {time.time():.3f} {manifest}".rstrip() + "\n"
@@ -476,10 +761,13 @@ def sweep_dead_entries(base: Path, *, max_age: float = 86400.0) -> int:
             continue
         if not ((host == HOST and not pid_alive(pid)) or (host != HOST and age > max_age)):
             continue
-        if entry.is_dir(follow_symlinks=False):
-            remove_tree(Path(entry.path))
-        else:
-            Path(entry.path).unlink(missing_ok=True)
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                remove_tree(Path(entry.path))
+            else:
+                Path(entry.path).unlink(missing_ok=True)
+        except OSError:
+            continue  # another user's leftovers we may not remove: its owner (or the daemon) will
         removed += 1
     return removed
 
@@ -543,23 +831,39 @@ def copy_readonly(src: Path | str, dest: str) -> None:
     os.chmod(dest, 0o444)
 
 
-def make_tree_readonly(top: Path) -> None:
-    """chmod 0555 every directory of a tree (files are already 0444)."""
+def make_tree_readonly(top: Path, *, group: str | None = None) -> None:
+    """chmod every directory of a tree read-only (files are already 0444).
+
+    0555; on a site shared with a ``group``, 0575: members may then remove a tree another member
+    published (an eviction), while nobody writes into it by accident as its owner.
+    """
+    mode = 0o575 if group else 0o555
     for dirpath, _dirs, _files in os.walk(top):
-        os.chmod(dirpath, 0o555)
+        os.chmod(dirpath, mode)
 
 
 def remove_tree(top: Path) -> None:
-    """Delete a tree whose directories may be read-only; never follows symlinks out of it."""
+    """Delete a tree whose directories may be read-only; never follows symlinks out of it.
+
+    A directory of another user's tree cannot be chmodded; on a group site it is writable for
+    the group already (``make_tree_readonly``), so the removal goes on.
+    """
     if not top.exists() and not top.is_symlink():
         return
     for dirpath, dirnames, _files in os.walk(top):
-        os.chmod(dirpath, 0o755)
+        _make_writable(dirpath)
         for name in dirnames:
             p = os.path.join(dirpath, name)
             if not os.path.islink(p):
-                os.chmod(p, 0o755)
+                _make_writable(p)
     shutil.rmtree(top)
+
+
+def _make_writable(path: str) -> None:
+    try:
+        os.chmod(path, 0o755)
+    except PermissionError:
+        pass  # not ours: removable through the group's write permission, or rmtree says why
 
 
 def scan_site_entries(sites: Iterable[Site]) -> list[CacheEntry]:
@@ -588,3 +892,75 @@ def fs_space(path: Path) -> dict[str, int | None]:
     total = st.f_blocks * st.f_frsize
     free = st.f_bavail * st.f_frsize
     return {"fs_total": total, "fs_used": total - st.f_bfree * st.f_frsize, "fs_free": free}
+
+
+def _policy_values(body: dict) -> dict:
+    """The Site fields a policy document sets (unknown keys ignored, missing ones default)."""
+    defaults = Site("", "")
+    return {k: body.get(k, getattr(defaults, k)) for k in POLICY_FIELDS}
+
+
+def _share_with_group(path: Path, group: str) -> None:
+    """Give ``path`` to ``group`` (read and write): the users of a team site share its state."""
+    import grp
+
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"no Unix group {group!r} on this host; create it, or change the site's group with cachehub site set --group") from None
+    try:
+        os.chown(path, -1, gid)
+        os.chmod(path, (os.stat(path).st_mode & 0o7777) | 0o060 | (0o2010 if path.is_dir() else 0))
+    except PermissionError:
+        pass  # not ours to change: whoever made it shared it
+
+
+@contextmanager
+def site_errors(store: SiteStore, doing: str) -> Iterator[None]:
+    """Turn a filesystem error at ``store`` into a CachehubError that says what to do.
+
+    A missing root is SiteMissingError (the mount), a refusal SitePermissionError (the group),
+    a full disk NoSpaceError, a stale or failing mount SiteIOError; cachehub's own errors pass.
+    """
+    try:
+        yield
+    except CachehubError:
+        raise
+    except OSError as exc:
+        raise translate_os_error(store, exc, doing) from exc
+
+
+def translate_os_error(store: SiteStore, exc: OSError, doing: str) -> CachehubError:
+    where = f"site {store.name} ({store.root})"
+    what = f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}"
+    if exc.errno == errno.ENOENT and not store.exists():
+        try:
+            store.check()
+        except CachehubError as missing:
+            return missing
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        group = store.site.group
+        advice = (
+            f"the site is shared with group {group}: ask an administrator to add you to it (then log in again)"
+            if group
+            else f"ask whoever runs the site to share it with your team: cachehub site set {store.name} --group GROUP"
+        )
+        return SitePermissionError(f"{where}: cannot {doing} ({what}); {advice}", site=store.name)
+    if exc.errno in (errno.EXDEV, errno.EMLINK):
+        return SiteIOError(
+            f"{where}: the filesystem refused a hard link while trying to {doing} ({what}); let cachehub fall back to "
+            f"copies where links fail: cachehub site set {store.name} --link auto",
+            site=store.name,
+        )
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpaceError(f"{where} is full while trying to {doing}; free space there (cachehub evict) or use another site", site=store.name)
+    if exc.errno == errno.ENOENT:
+        return SiteIOError(
+            f"{where}: {what} vanished while trying to {doing} (another host removed it, or this host's NFS attribute cache "
+            "is stale); re-run",
+            site=store.name,
+        )
+    return SiteIOError(
+        f"{where}: the filesystem failed while trying to {doing} ({what}); check the mount (remount a stale NFS handle) and re-run",
+        site=store.name,
+    )

@@ -13,27 +13,31 @@ import os
 from pathlib import Path
 
 from . import index
-from .cache import site_manifest
 from .context import Context
 from .errors import IntegrityError, NotCachedError
 from .fsutil import sha256_file
 from .manifest import read_manifest
 from .model import Commit, ManifestEntry, VerifyResult
 from .progress import NULL, Progress
-from .store import Linker, SiteStore
+from .store import Linker, SiteStore, site_errors
 
 
 def verify(ctx: Context, ref: str, *, site: str | None = None, repair: bool = False, progress: Progress = NULL) -> VerifyResult:
     """Re-hash a cached tree against its manifest; with ``repair`` re-fetch what is wrong."""
     commit = index.resolve_commit(ctx, ref)
     store = ctx.store(site)
+    with site_errors(store, f"verify {ref}"):
+        return _verify(ctx, ref, commit, store, repair=repair, progress=progress)
+
+
+def _verify(ctx: Context, ref: str, commit: Commit, store: SiteStore, *, repair: bool, progress: Progress) -> VerifyResult:
     if not store.is_cached(commit.id):
         raise NotCachedError(
-            f"{commit.dataset}@{commit.short} is not cached at site {store.site.name}; run: cachehub cache {ref}",
+            f"{commit.dataset}@{commit.short} is not cached at site {store.name}; run: cachehub cache {ref}",
         )
     manifest = store.manifest_path(commit.manifest)
     if not manifest.exists():
-        manifest = site_manifest(store, commit, ctx.manifest(commit.manifest))
+        store.keep_manifest(commit.manifest, ctx.manifest(commit.manifest))
     top = store.commit_path(commit.id)
     damaged: list[str] = []
     missing: list[str] = []
@@ -60,12 +64,12 @@ def verify(ctx: Context, ref: str, *, site: str | None = None, repair: bool = Fa
         "verify",
         dataset=commit.dataset,
         commit=commit.id,
-        site=store.site.name,
+        site=store.name,
         damaged=len(damaged),
         missing=len(missing),
         repaired=len(repaired),
     )
-    return VerifyResult(commit.dataset, commit.id, store.site.name, commit.files, tuple(damaged), tuple(missing), tuple(repaired))
+    return VerifyResult(commit.dataset, commit.id, store.name, commit.files, tuple(damaged), tuple(missing), tuple(repaired))
 
 
 def _repair(ctx: Context, store: SiteStore, commit: Commit, top: Path, bad: list[ManifestEntry]) -> list[str]:
@@ -104,5 +108,5 @@ def _repair(ctx: Context, store: SiteStore, commit: Commit, top: Path, bad: list
         finally:
             os.chmod(parent, 0o555)
         repaired.append(entry.path)
-    ctx.events.audit("repair", dataset=commit.dataset, commit=commit.id, site=store.site.name, files=len(repaired))
+    ctx.events.audit("repair", dataset=commit.dataset, commit=commit.id, site=store.name, files=len(repaired))
     return repaired

@@ -45,6 +45,9 @@ def _fast_path(argv: list[str]) -> int | None:
             raise
         print(f"cachehub: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("cachehub: interrupted; re-run to resume", file=sys.stderr)
+        return 130
     return 0
 
 

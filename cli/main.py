@@ -326,6 +326,9 @@ def status(
         _emit(rows)
         return
     for s in rows:
+        if s.state == "missing":
+            typer.echo(f"site {s.site}  {s.root}  MISSING: no cachehub-site.json there (is the export mounted?)")
+            continue
         typer.echo(f"site {s.site}  {s.root}  link={s.link}  fs free {_size(s.fs_free)} of {_size(s.fs_total)}")
         typer.echo(
             f"  {len(s.commits)} commits, {_size(s.logical_bytes)} as seen by readers, "
@@ -337,6 +340,9 @@ def status(
         typer.echo(f"  daemon: pid {d.pid} on {d.host}, http {d.listen or 'off'}" if d else "  daemon: not running")
         for c in s.commits:
             typer.echo(f"  {c.dataset}@{c.commit[:12]}  {c.files} files  {_size(c.bytes)}  last used {c.last_used or '-'}")
+        for p in s.partial:
+            state = "running" if p.running else f"interrupted, kept until {p.expires}: re-run cachehub cache to resume"
+            typer.echo(f"  partial {p.dataset}@{p.commit[:12]} from {p.host}, started {p.started} ({state})")
         if d and d.listen:
             metrics = _daemon_metrics(d.listen)
             if metrics:
@@ -386,7 +392,8 @@ def _site_line(s: Any) -> str:
     quota = format_size(s.quota) or "none"
     return (
         f"site {s.name} -> {s.root} (link {s.link}, ttl {format_duration(s.ttl)}, quota {quota}, "
-        f"low-watermark {s.low_watermark:.0%}, min-free {s.min_free:.0%}, grace {format_duration(s.grace)})"
+        f"low-watermark {s.low_watermark:.0%}, min-free {s.min_free:.0%}, grace {format_duration(s.grace)}, "
+        f"keep-partial {format_duration(s.keep_partial)}, group {s.group or '-'})"
     )
 
 
@@ -703,23 +710,30 @@ QuotaOpt = Annotated[Optional[str], typer.Option("--quota", help="Bytes the site
 LowOpt = Annotated[Optional[str], typer.Option("--low-watermark", help="Capacity eviction frees down to this share of the quota (default 80%).")]  # noqa: UP007
 MinFreeOpt = Annotated[Optional[str], typer.Option("--min-free", help="Keep this share of the filesystem free, e.g. 10% (default 0 = off).")]  # noqa: UP007
 GraceOpt = Annotated[Optional[str], typer.Option("--grace", help="A bare resolve() protects an entry this long (default 10m).")]  # noqa: UP007
+KeepPartialOpt = Annotated[Optional[str], typer.Option("--keep-partial", help="Keep the objects of an interrupted cache this long for a re-run (default 1d).")]  # noqa: UP007
+GroupOpt = Annotated[Optional[str], typer.Option("--group", help="Unix group sharing the site: trees group-readable, leases/queue group-writable; '' = none.")]  # noqa: UP007
 
 
 @site_app.command("add")
 def site_add(
     name: Annotated[str, typer.Argument(help="Site name, e.g. gpu-a.")],
     root: Annotated[str, typer.Option("--root", help="Cache root (an NFS export or any POSIX path).")],
-    link: Annotated[str, typer.Option("--link", help="auto | hardlink | symlink | copy")] = "auto",
+    link: Annotated[Optional[str], typer.Option("--link", help="auto (default) | hardlink | symlink | copy")] = None,  # noqa: UP007
     ttl: TtlOpt = None,
     quota: QuotaOpt = None,
     low_watermark: LowOpt = None,
     min_free: MinFreeOpt = None,
     grace: GraceOpt = None,
+    keep_partial: KeepPartialOpt = None,
+    group: GroupOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Add a site, with its eviction policy."""
+    """Add a site: lay out a new root with its policy, or join one another host laid out."""
     with _hub() as hub:
-        s = hub.site_add(name, root, link=link, ttl=ttl, quota=quota, low_watermark=low_watermark, min_free=min_free, grace=grace)
+        s = hub.site_add(
+            name, root, link=link, ttl=ttl, quota=quota, low_watermark=low_watermark, min_free=min_free, grace=grace,
+            keep_partial=keep_partial, group=group,
+        )  # fmt: skip
     if json_out:
         _emit(s)
     else:
@@ -730,17 +744,23 @@ def site_add(
 def site_set(
     name: Annotated[str, typer.Argument(help="Site name.")],
     root: Annotated[Optional[str], typer.Option("--root", help="New cache root (the old one is left as it is).")] = None,  # noqa: UP007
+    create: Annotated[bool, typer.Option("--create", help="Lay out the (new) root if it is not a site yet.")] = False,
     link: Annotated[Optional[str], typer.Option("--link", help="auto | hardlink | symlink | copy")] = None,  # noqa: UP007
     ttl: TtlOpt = None,
     quota: QuotaOpt = None,
     low_watermark: LowOpt = None,
     min_free: MinFreeOpt = None,
     grace: GraceOpt = None,
+    keep_partial: KeepPartialOpt = None,
+    group: GroupOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Change a site's root, link mode or eviction policy."""
+    """Change a site's policy (for every host using it), or this home's root for it."""
     with _hub() as hub:
-        s = hub.site_set(name, root=root, link=link, ttl=ttl, quota=quota, low_watermark=low_watermark, min_free=min_free, grace=grace)
+        s = hub.site_set(
+            name, root=root, create=create, link=link, ttl=ttl, quota=quota, low_watermark=low_watermark, min_free=min_free,
+            grace=grace, keep_partial=keep_partial, group=group,
+        )  # fmt: skip
     if json_out:
         _emit(s)
     else:
@@ -790,16 +810,31 @@ def catalog_rebuild(json_out: JsonOpt = False) -> None:
         typer.echo(f"warning: skipped {problem}", err=True)
 
 
+class Interrupted(BaseException):
+    """Ctrl-C. Not a KeyboardInterrupt, which click would turn into "Aborted!" and exit 1."""
+
+
+def _interrupted(_signum: int, _frame: object) -> None:
+    raise Interrupted()
+
+
 def main() -> None:
     """Entry point: run the app; library errors become one line and the error's exit code.
 
     Usage errors, ``--help`` and ``typer.Exit`` are handled by Typer itself (exit 2 for usage).
     """
+    import signal
+
     from cachehub.errors import CachehubError
 
     debug = os.environ.get("CACHEHUB_DEBUG") == "1"
+    signal.signal(signal.SIGINT, _interrupted)
     try:
         app()
+    except Interrupted:
+        # every step cleans up in its finally blocks on the way here; fetched objects stay
+        typer.echo("cachehub: interrupted; re-run to resume", err=True)
+        sys.exit(130)
     except CachehubError as exc:
         if debug:
             raise
