@@ -87,6 +87,7 @@ class Daemon:
         queue_every: float = 1.0,
         clock: Callable[[], float] = time.time,
         watch: bool = True,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.site_names = list(sites) if sites else sorted(settings.sites)
@@ -97,6 +98,7 @@ class Daemon:
         self.refresh_every = refresh_every
         self.queue_every = queue_every
         self.clock = clock
+        self.monotonic = monotonic  # when subscriptions fall due (injected by tests)
         self.watch = watch
         self.metrics = Metrics()
         self.damaged: set[tuple[str, str]] = set()
@@ -335,14 +337,15 @@ class Daemon:
         for sub in subs:
             if self._stopped.is_set():
                 return
-            if time.monotonic() < self._sub_next.get(sub.id, 0.0):
+            now = self.monotonic()
+            if now < self._sub_next.get(sub.id, float("-inf")):
                 continue
             if self.check_subscription(sub.id):
                 self._sub_failures.pop(sub.id, None)
-                self._sub_next[sub.id] = time.monotonic() + sub.every
+                self._sub_next[sub.id] = now + sub.every
             else:
                 failures = self._sub_failures[sub.id] = self._sub_failures.get(sub.id, 0) + 1
-                self._sub_next[sub.id] = time.monotonic() + self._backoff(sub.every, failures)
+                self._sub_next[sub.id] = now + self._backoff(sub.every, failures)
 
     @staticmethod
     def _backoff(every: float, failures: int) -> float:

@@ -105,7 +105,7 @@ def set_(
         configured = replace(configured, root=os.path.abspath(os.path.expanduser(root)))
         _refuse_catalog_inside(ctx, configured)
     store = SiteStore(configured)
-    if create:
+    if create or ctx.settings.creates_on_use(configured):
         store.create(by=ctx.user)
     else:
         store.check()

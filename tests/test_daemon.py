@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -207,3 +208,56 @@ def test_a_purge_on_another_host_reaches_this_hosts_sites(hub: Hub, tmp_path: Pa
     wait_until(lambda: not store.is_cached(commit), what="purged commit evicted by the daemon")
     wait_until(lambda: not any(p.is_file() for p in (store.root / "objects").rglob("*")), what="purged content collected")
     wait_until(lambda: d.metrics.evictions["purged"] == 1, what="purge counted")
+
+
+def test_a_failing_subscription_backs_off_and_is_counted(hub: Hub, tmp_path: Path, env: dict[str, str], caplog) -> None:  # type: ignore[no-untyped-def]
+    """A subscription whose commit can never fit is tried after 1x, 2x, 4x its interval, not every
+    time the job runs. The jobs are called directly with an injected clock: no sleeping."""
+    import logging
+
+    from cachehub import server
+
+    hub.push(write_tree(tmp_path / "src", {"big.bin": b"x" * 5000}), "ds")
+    hub.site_set("local", quota="1K")  # the commit can never fit
+    hub.subscribe("ds@latest", every="10s")
+    caplog.set_level(logging.INFO, logger="cachehub.daemon")
+    now = [1000.0]
+    d = Daemon(load_settings(), listen=None, watch=False, monotonic=lambda: now[0])
+    tries = []
+    for t in (0, 5, 10, 15, 29, 30, 60, 69, 70):  # due: 0, +10 -> 10, +20 -> 30, +40 -> 70
+        now[0] = 1000.0 + t
+        d.subscriptions_tick()
+        tries.append(d.metrics.failures[("local", "subscription")])
+    assert tries == [1, 1, 2, 2, 2, 3, 3, 3, 4]
+    status = d.status()
+    assert status["metrics"]["failures"]["local"]["subscription"] == 4
+    assert status["subscriptions"][0]["failures_in_a_row"] == 4
+    metrics = server.prometheus(status)
+    assert 'cachehub_failures_total{site="local",kind="subscription"} 4' in metrics
+    assert 'cachehub_site_up{site="local"} 1' in metrics
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "subscription ds@latest" in r.getMessage()]
+    assert len(warnings) == 4 and "next try in 80 s" in warnings[-1]
+
+
+def test_a_missing_root_pauses_its_site(hub: Hub, tmp_path: Path, env: dict[str, str], caplog) -> None:  # type: ignore[no-untyped-def]
+    import logging
+
+    from cachehub import server
+
+    root = tmp_path / "nfs" / "cachehub"
+    hub.site_add("nfs", root)
+    hub.push(write_tree(tmp_path / "src", {"a": "1"}), "ds")
+    hub.cache("ds", site="nfs")
+    caplog.set_level(logging.INFO, logger="cachehub.daemon")
+    d = Daemon(load_settings(), sites=["nfs"], listen=None, watch=False)
+    d.sweep()
+    shutil.rmtree(root)  # the export is unmounted
+    for _ in range(3):
+        d.sweep()
+        d.serve_queue()
+    assert not root.exists()  # never recreated
+    assert d.metrics.failures[("nfs", "root-missing")] == 1
+    assert len([r for r in caplog.records if "paused until it is back" in r.getMessage()]) == 1
+    status = d.status()
+    assert [s["state"] for s in status["sites"]] == ["missing"]
+    assert 'cachehub_site_up{site="nfs"} 0' in server.prometheus(status)

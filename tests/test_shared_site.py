@@ -346,3 +346,79 @@ def test_a_team_of_unix_users_shares_one_site(world: Path) -> None:
     denied = as_user(world, "eve", "cache", "ds", ok=False)  # ...but not use it
     assert denied.returncode == 18, denied.stderr
     assert "group users" in denied.stderr and "Traceback" not in denied.stderr
+
+
+# -- offline resolution ----------------------------------------------------------------------
+def test_a_pod_without_the_lake_resolves_tags_from_the_site(hosts: tuple[Host, Host], tmp_path: Path, site_root: Path) -> None:
+    a, _ = hosts
+    src = random_tree(tmp_path / "src", 5)
+    a.run("push", str(src), "xray", "--tag", "v1")
+    path = a.run("cache", "xray@v1").stdout.strip()
+    # a pod: an empty home, an S3 lake it has no credentials for, the site mounted
+    pod = Host("pod-1", tmp_path, tmp_path / "unused")
+    pod.env = {k: v for k, v in pod.env.items() if not k.startswith("AWS_")}
+    pod.env.update(
+        CACHEHUB_LAKE="s3://cachehub-test/lake", CACHEHUB_ENDPOINT_URL="http://127.0.0.1:9",
+        AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+    )  # fmt: skip
+    pod.run("site", "add", "team", "--root", str(site_root))
+    assert "no AWS credentials" in pod.run("datasets", ok=False).stderr  # the lake is out of reach indeed
+    for ref in ("xray@v1", "xray@latest", "xray"):
+        assert pod.run("path", ref).stdout.strip() == path, ref
+        assert pod.run("path", ref, CACHEHUB_OFFLINE="1").stdout.strip() == path, ref
+    missing = pod.run("path", "xray@v2", ok=False, CACHEHUB_OFFLINE="1")
+    assert missing.returncode == 5 and "CACHEHUB_OFFLINE=1" in missing.stderr
+    offline_push = a.run("push", str(src), "xray", ok=False, CACHEHUB_OFFLINE="1")
+    assert offline_push.returncode == 11 and "never contacted offline" in offline_push.stderr
+
+
+def test_online_a_tag_is_never_staler_than_the_bound(hosts: tuple[Host, Host], tmp_path: Path) -> None:
+    a, b = hosts
+    a.run("push", str(random_tree(tmp_path / "v1", 3, seed=1)), "ds", "--tag", "prod")
+    v1 = b.run("cache", "ds@prod").stdout.strip()
+    assert b.run("path", "ds@prod").stdout.strip() == v1  # host-b's catalog now knows prod
+    a.run("push", str(random_tree(tmp_path / "v2", 3, seed=2)), "ds", "--tag", "prod", "--force")  # moved on host-a
+    v2 = a.run("cache", "ds@prod").stdout.strip()
+    assert v2 != v1
+    # within the bound host-b may answer from its catalog; with a bound of 0 it must read the lake
+    assert b.run("path", "ds@prod", CACHEHUB_MAX_STALENESS="0").stdout.strip() == v2
+
+
+# -- the audit trail, shipped by the CLI and the daemon of one home at once -------------------
+def test_two_shippers_of_one_catalog_raise_no_false_tamper_alarm(tmp_path: Path, handshake: Path) -> None:
+    host = Host("host-a", tmp_path, tmp_path / "lake")
+    host.run("push", str(random_tree(tmp_path / "src", 2)), "ds")  # ships its events
+    host.run("tag", "ds", "v1")  # more events, shipped too
+    shipper = host.start("audit", "push", pause=("audit.ship.before-write", handshake))  # the daemon, say
+    other = host.run("audit", "push")  # the CLI, meanwhile
+    assert other.returncode == 0 and "diverged" not in other.stderr
+    code, out, err = _go(shipper, "audit.ship.before-write", handshake)
+    assert code == 0 and "diverged" not in err, err
+    verified = host.run("audit", "verify")
+    assert "intact" in verified.stdout
+
+
+def test_a_batch_shipped_before_a_crash_is_recognised(tmp_path: Path) -> None:
+    from cachehub import audit
+    from cachehub.config import load_settings
+    from cachehub.context import Context
+
+    host = Host("host-a", tmp_path, tmp_path / "lake")
+    host.run("init", CACHEHUB_SITE="local")
+    with Context(load_settings(host.home, lake=str(tmp_path / "lake"))) as ctx:
+        ctx.events.audit("tag", dataset="ds", ref="v1")
+        pending = ctx.catalog.unshipped_events(ctx.catalog.origin)
+        ctx.lake.write_audit_batch(ctx.catalog.origin, pending)  # written, then the process died
+        assert audit.ship(ctx) == len(pending)  # recognised as shipped, no alarm
+        assert ctx.catalog.unshipped_events(ctx.catalog.origin) == []
+        assert audit.verify(ctx) == []
+
+
+# -- init ------------------------------------------------------------------------------------
+def test_init_saves_every_setting_it_used(tmp_path: Path) -> None:
+    host = Host("host-a", tmp_path, tmp_path / "lake")
+    # the endpoint from the environment is saved with the lake it was used to reach
+    out = host.run("init", "--json", CACHEHUB_ENDPOINT_URL="http://127.0.0.1:9/", CACHEHUB_SITE="local")
+    assert json.loads(out.stdout)["lake"] == str(tmp_path / "lake")
+    config = (host.home / "config.toml").read_text()
+    assert 'endpoint_url = "http://127.0.0.1:9/"' in config and f'url = "{tmp_path / "lake"}"' in config
