@@ -150,6 +150,7 @@ def download(lake: Lake, store: SiteStore, objects: ObjectSet, *, progress: Prog
         if writers is not None:
             writers.shutdown(wait=True)
         progress.finish()
+        store.add_usage(counts[0], counts[1])  # what arrived, even if the rest failed
     return Downloaded(counts[0], counts[1], counts[2])
 
 

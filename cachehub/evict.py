@@ -31,6 +31,7 @@ again). A reader never gets a path to a tree that is being removed.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ from typing import TYPE_CHECKING
 
 from . import lease as leasemod
 from .errors import SiteDamagedError
-from .gc import expire_partials, gc
+from .gc import collect_unlinked, expire_partials, gc
 from .model import Site
 from .store import CachedCommit, ManifestSource, SiteStore, fs_space, remove_tree, site_errors
 
@@ -266,7 +267,7 @@ def gather(
     shared = [(size, tuple(c.commit for i, c in enumerate(cached) if owners >> i & 1)) for owners, size in together.items()]
     copies = store.site.link == "copy"
     entries = [entry_state(store, c, now=now, exclusive_bytes=exclusive.get(c.commit, 0) + (c.bytes if copies else 0)) for c in cached]
-    usage = store.object_bytes()[1] + (sum(c.bytes for c in cached) if copies else 0)
+    usage = store.usage()[1] + (sum(c.bytes for c in cached) if copies else 0)
     return entries, usage, shared
 
 
@@ -282,10 +283,13 @@ def plan(
 ) -> EvictionPlan:
     """What an eviction at ``store`` would remove, and why; nothing is changed.
 
-    ``only``: exactly those commit ids. Otherwise expired entries, then (unless
+    ``only``: exactly those commit ids -- planned from those entries alone, so it costs what they
+    hold, not what the site holds (``plan_only``). Otherwise expired entries, then (unless
     ``expired_only``) least recently used ones while the site is over its quota or free-space
     floor, or lacks ``need_bytes`` for an admission (``keep``: content it will reuse).
     """
+    if only is not None:
+        return plan_only(store, only, now=now, source=source)
     entries, usage, shared = gather(store, now=now, keep=keep, source=source)
     fs = fs_space(store.root)
     return plan_eviction(
@@ -294,9 +298,39 @@ def plan(
     )  # fmt: skip
 
 
+def plan_only(store: SiteStore, commit_ids: Iterable[str], *, now: float, source: ManifestSource | None = None) -> EvictionPlan:
+    """A manual eviction of exactly ``commit_ids``, looking at nothing else at the site.
+
+    What an entry frees is counted from its own objects' link counts where trees are hard links
+    (an object linked by no other tree goes with it); for symlink and copy sites, its size.
+    """
+    entries = []
+    for cid in dict.fromkeys(commit_ids):
+        found = store.cached_commit(cid)
+        if found is not None:
+            entries.append(entry_state(store, found, now=now, exclusive_bytes=_frees(store, found, source)))
+    return plan_eviction(entries, store.site, now=now, usage=0, only=[e.commit for e in entries])
+
+
+def _frees(store: SiteStore, cached: CachedCommit, source: ManifestSource | None) -> int:
+    if store.site.link not in ("auto", "hardlink"):
+        return cached.bytes
+    total = 0
+    try:
+        for entry in store.manifest_entries(cached.manifest, source):
+            try:
+                if os.stat(store.object_file(entry.sha256)).st_nlink <= 2:  # the object and this tree's link
+                    total += entry.size
+            except FileNotFoundError:
+                continue
+    except SiteDamagedError:
+        return 0
+    return total
+
+
 def plan_purge(store: SiteStore, commit_id: str, *, now: float) -> EvictionPlan:
     """The removal of a purged commit from a site: pins notwithstanding (an empty plan if absent)."""
-    found = next((c for c in store.cached() if c.commit == commit_id), None) if store.is_cached(commit_id) else None
+    found = store.cached_commit(commit_id)
     if found is None:
         return EvictionPlan((), (), 0, 0, None, 0, now)
     entry = entry_state(store, found, now=now, exclusive_bytes=found.bytes)
@@ -354,7 +388,14 @@ def execute(
                 marker.unlink(missing_ok=True)
         remove_tree(trash)
         done.append(ev)
-    objects, nbytes = gc(store, keep=keep, own_lock=own_lock, doomed=doomed or None, source=source)
+    if plan.target is None and store.site.link in ("auto", "hardlink") and all(ev.reason in ("manual", "purged") for ev in plan.evict):
+        # named entries on a hard-link site: collect only their content (what they touched)
+        candidates: set[bytes] = set(doomed)
+        for ev in done:
+            candidates |= _content_of(store, ev.entry.manifest)
+        objects, nbytes = collect_unlinked(store, candidates, keep=keep, doomed=doomed, source=source)
+    else:
+        objects, nbytes = gc(store, keep=keep, own_lock=own_lock, doomed=doomed or None, source=source)
     return EvictionResult(tuple(done), tuple(restored), objects, nbytes)
 
 

@@ -51,14 +51,14 @@ def gc(
     still references it. Use markers of commits that are no longer cached are removed too.
     """
     now = time.time() if now is None else now
-    referenced: set[bytes] = set(keep or ())
+    referenced: dict[bytes, int] = dict.fromkeys(keep or (), -1)  # content -> size (-1: unknown)
     manifests: set[str] = set()
     damaged: list[str] = []
 
     def add(manifest_id: str) -> None:
         manifests.add(manifest_id)
         for entry in store.manifest_entries(manifest_id, source):
-            referenced.add(bytes.fromhex(entry.sha256))
+            referenced[bytes.fromhex(entry.sha256)] = entry.size
 
     def index() -> set[str]:
         names = set()
@@ -103,36 +103,54 @@ def gc(
     def other_builder() -> bool:
         return bool(store.lock_names() - {own_lock.name if own_lock is not None else None})
 
+    deltas = store.usage_deltas()  # what the ledger says beyond its base; this walk supersedes them
     count = total = 0
+    left = [0, 0]  # objects and bytes this walk leaves: the ledger's new base
+
+    def keeps(size: int) -> None:
+        left[0] += 1
+        left[1] += size
+
     for name, path in store.object_files():
         try:
             key = bytes.fromhex(name)
         except ValueError:
             continue
-        if key in referenced:
+        size = referenced.get(key)
+        if size is not None and size >= 0:
+            keeps(size)
             continue
         try:
             st = os.stat(path)
         except FileNotFoundError:
             continue
+        if size is not None:  # referenced, size unknown (``keep``)
+            keeps(st.st_size)
+            continue
         if not (doomed and key in doomed):
             if st.st_mtime >= started:
+                keeps(st.st_size)
                 continue  # arrived while this gc ran: surely some build's
             if now - st.st_mtime < GC_MIN_AGE:
                 if other_builder():
+                    keeps(st.st_size)
                     continue
                 if store.published() != published:  # a build published meanwhile: look again
                     published = index()
                     if key in referenced:
+                        keeps(st.st_size)
                         continue
         if store.lock_names() - builds:  # a build started meanwhile: keep what it needs
             builds = index_builds()
             if key in referenced:
+                keeps(st.st_size)
                 continue
         if not dry_run:
             os.unlink(path)
         count += 1
         total += st.st_size
+    if not dry_run:
+        store.set_usage_base(left[0], left[1], superseded=deltas)
     if not dry_run:
         pause.point("gc.before-manifest-delete")
         in_use = manifests | set(store.building().values()) | {c.manifest for c in store.cached()}
@@ -148,6 +166,51 @@ def gc(
         for marker in store.used_markers():
             if not store.is_cached(marker.name) and now - _mtime(marker, now) > store.site.grace:
                 marker.unlink(missing_ok=True)
+    return count, total
+
+
+def collect_unlinked(
+    store: SiteStore,
+    candidates: set[bytes],
+    *,
+    keep: set[bytes] | None = None,
+    doomed: set[bytes] | None = None,
+    source: ManifestSource | None = None,
+) -> tuple[int, int]:
+    """Remove those ``candidates`` (an evicted commit's content) that no tree links any more.
+
+    For a site whose trees are hard links: an object whose link count is 1 is in no published
+    tree. It is kept if a build in progress or a live partial cache needs it (their manifests
+    are read: they are few), if it is in ``keep``, or if it is young while another build runs
+    (a builder of an older version names no manifest). Costs what the evicted commits hold, not
+    what the site holds; a full ``gc`` walk is for ``cachehub gc`` and the daemon's sweep.
+    """
+    now = time.time()
+    protected: set[bytes] = set(keep or ())
+    for manifest_id in {*store.building().values(), *(p.manifest for p in live_partials(store, now))} - {""}:
+        try:
+            protected.update(bytes.fromhex(e.sha256) for e in store.manifest_entries(manifest_id, source))
+        except SiteDamagedError:
+            return 0, 0  # a build whose needs are unknown: remove nothing now (the next gc will)
+    builder = bool(store.lock_names())
+    count = total = 0
+    for key in candidates - protected:
+        path = store.object_file(key.hex())
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            continue
+        if st.st_nlink > 1:
+            continue  # another published tree still links it
+        if builder and now - st.st_mtime < GC_MIN_AGE and not (doomed and key in doomed):
+            continue
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            continue
+        count += 1
+        total += st.st_size
+    store.add_usage(-count, -total)
     return count, total
 
 

@@ -14,7 +14,7 @@ def site_status(store: SiteStore) -> SiteStatus:
     """Per site: cached commits, their sizes, bytes shared between them, filesystem space."""
     laid_out = store.exists()
     commits = list(store.cached()) if laid_out else []
-    objects, object_bytes = store.object_bytes() if commits else (0, 0)
+    objects, object_bytes = store.usage() if laid_out else (0, 0)  # the ledger: never a walk of objects/
     logical = sum(c.bytes for c in commits)
     if store.site.link == "copy":  # trees are copies: nothing is shared with objects/
         object_bytes += logical

@@ -513,20 +513,29 @@ class SiteStore:
         except FileNotFoundError:
             return
         for name in names:
-            try:
-                meta = json.loads(self.meta_path(name).read_bytes())
-            except (FileNotFoundError, ValueError):
-                continue  # a tree without metadata is not ours to describe
-            yield CachedCommit(
-                commit=name,
-                dataset=meta["dataset"],
-                manifest=meta["manifest"],
-                files=meta["files"],
-                bytes=meta["bytes"],
-                cached_at=meta["cached_at"],
-                path=base / name,
-                last_used=self.last_used(name),
-            )
+            found = self.cached_commit(name)
+            if found is not None:
+                yield found
+
+    def cached_commit(self, commit_id: str) -> CachedCommit | None:
+        """One published commit, if it is here with its metadata (O(1): no listing)."""
+        try:
+            meta = json.loads(self.meta_path(commit_id).read_bytes())
+        except (FileNotFoundError, ValueError):
+            return None  # not cached, or a tree without metadata: not ours to describe
+        path = self.commit_path(commit_id)
+        if not os.path.isdir(path):
+            return None
+        return CachedCommit(
+            commit=commit_id,
+            dataset=meta["dataset"],
+            manifest=meta["manifest"],
+            files=meta["files"],
+            bytes=meta["bytes"],
+            cached_at=meta["cached_at"],
+            path=path,
+            last_used=self.last_used(commit_id),
+        )
 
     def write_meta(self, commit: Commit) -> None:
         body = {
@@ -542,7 +551,7 @@ class SiteStore:
         atomic_write(self.meta_path(commit.id), canonical_json(body))
 
     def object_bytes(self) -> tuple[int, int]:
-        """(count, bytes) of distinct content objects at the site."""
+        """(count, bytes) of distinct content objects at the site, by walking ``objects/`` (O(objects))."""
         count = total = 0
         for _name, path in self.object_files():
             try:
@@ -551,6 +560,59 @@ class SiteStore:
             except FileNotFoundError:
                 pass
         return count, total
+
+    # -- the usage ledger: what objects/ holds, kept up to date without walking it -------------
+    @property
+    def usage_dir(self) -> Path:
+        return self.root / "usage"
+
+    def usage(self) -> tuple[int, int]:
+        """(objects, bytes) in ``objects/`` from the ledger: O(changes since the last full gc).
+
+        ``usage/base.json`` is what the last full walk counted; each download and each targeted
+        removal adds a small ``usage/<unique>.json`` of what it changed. A root without a base
+        (laid out by an older version) is walked once to make one.
+        """
+        try:
+            names = os.listdir(self.usage_dir)
+        except FileNotFoundError:
+            names = []
+        if "base.json" not in names:
+            deltas = [n for n in names if n.startswith("delta.")]
+            objects, nbytes = self.object_bytes()
+            self.set_usage_base(objects, nbytes, superseded=deltas)
+            return objects, nbytes
+        objects = nbytes = 0
+        for name in names:
+            try:
+                body = json.loads((self.usage_dir / name).read_bytes())
+            except (FileNotFoundError, ValueError):
+                continue
+            objects += int(body.get("objects", 0))
+            nbytes += int(body.get("bytes", 0))
+        return max(0, objects), max(0, nbytes)
+
+    def add_usage(self, objects: int, nbytes: int) -> None:
+        """Record that ``objects``/``nbytes`` were added to (or, negative, removed from) ``objects/``."""
+        if not objects and not nbytes:
+            return
+        self.make_dirs(self.usage_dir)
+        body = {"objects": objects, "bytes": nbytes, "host": HOST, "time": now_iso()}
+        atomic_write(self.usage_dir / f"delta.{unique_suffix()}.json", canonical_json(body), durable=False)
+
+    def usage_deltas(self) -> list[str]:
+        try:
+            return [n for n in os.listdir(self.usage_dir) if n.startswith("delta.")]
+        except FileNotFoundError:
+            return []
+
+    def set_usage_base(self, objects: int, nbytes: int, *, superseded: Iterable[str]) -> None:
+        """Write what a full walk counted, and drop the deltas it already includes."""
+        self.make_dirs(self.usage_dir)
+        body = {"objects": objects, "bytes": nbytes, "host": HOST, "time": now_iso()}
+        atomic_write(self.usage_dir / "base.json", canonical_json(body), durable=False)
+        for name in superseded:
+            (self.usage_dir / name).unlink(missing_ok=True)
 
     # -- writing -----------------------------------------------------------------------------
     def store_object(self, sha256: str, data: bytes) -> None:

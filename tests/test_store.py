@@ -81,3 +81,36 @@ def test_state_listings_read_the_root(store: SiteStore) -> None:
     trash = store.unpublish(commit.id)
     assert trash is not None and trash.parent == store.root / "trash" and store.published() == set()
     assert fs_space(store.root)["fs_free"] > 0  # type: ignore[operator]
+
+
+def test_the_usage_ledger_follows_every_change_without_a_walk(tmp_path: Path) -> None:
+    """status reads usage from the ledger; after caches, evictions, gc and a partial cache it
+    equals what a walk of objects/ counts."""
+    from cachehub.api import Hub
+    from cachehub.config import load_settings
+
+    from .conftest import random_tree
+
+    with Hub(load_settings(tmp_path / "home", lake=str(tmp_path / "lake"))) as hub:
+        hub.site_set("local", grace="0")
+        store = hub.ctx.store()
+
+        def agree() -> None:
+            [status] = hub.status("local")
+            assert (status.objects, status.object_bytes) == store.object_bytes() == store.usage()
+
+        hub.push(random_tree(tmp_path / "a", 20, seed=1), "a")
+        hub.push(random_tree(tmp_path / "b", 20, seed=2), "b")
+        hub.cache("a")
+        agree()
+        hub.cache("b")
+        agree()
+        hub.evict(["a"])  # a targeted eviction: its objects go, counted as a negative delta
+        agree()
+        assert store.usage_deltas()
+        hub.gc()  # a full walk: the ledger gets a new base, the deltas it includes go
+        agree()
+        assert store.usage_deltas() == []
+        hub.cache("a")
+        hub.evict()  # a policy sweep
+        agree()
