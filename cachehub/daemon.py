@@ -85,6 +85,7 @@ class Daemon:
         sweep_every: float = 60.0,
         refresh_every: float = 60.0,
         queue_every: float = 1.0,
+        gc_every: float = 3600.0,
         clock: Callable[[], float] = time.time,
         watch: bool = True,
         monotonic: Callable[[], float] = time.monotonic,
@@ -99,6 +100,8 @@ class Daemon:
         self.queue_every = queue_every
         self.clock = clock
         self.monotonic = monotonic  # when subscriptions fall due (injected by tests)
+        self.gc_every = gc_every  # full gc walks (O(objects)) happen this often, not every sweep
+        self._gc_next = float("-inf")
         self.watch = watch
         self.metrics = Metrics()
         self.damaged: set[tuple[str, str]] = set()
@@ -186,11 +189,14 @@ class Daemon:
     # -- jobs --------------------------------------------------------------------------------
     def sweep(self) -> None:
         """Reap dead leases, evict expired entries, then LRU while over capacity."""
+        collect = self.monotonic() >= self._gc_next
+        if collect:
+            self._gc_next = self.monotonic() + self.gc_every
         with self._context() as ctx:
             failed = False
             for store in self.stores():
                 try:
-                    _, result = evict.run(ctx, store, now=self.clock())
+                    _, result = evict.run(ctx, store, now=self.clock(), collect=collect)
                 except (CachehubError, OSError) as exc:
                     failed = True
                     self.metrics.fail(store.name, "sweep")

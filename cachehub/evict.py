@@ -439,20 +439,30 @@ def run(
     dry_run: bool = False,
     now: float | None = None,
     reason: str | None = None,
+    collect: bool = True,
 ) -> tuple[EvictionPlan, EvictionResult | None]:
     """Plan and (unless ``dry_run``) carry out an eviction at a site, with its hooks; audited.
 
     With ``only`` (commit ids): exactly those entries, refusing pinned, leased or just-used
     ones (ConflictError, nothing removed). Without: expired entries, then least recently used
     ones while the site is over its quota or free-space floor. Leases of dead holders are
-    reaped first, and garbage collected first (so capacity is judged on what entries hold).
+    reaped first, and (with ``collect``, and no ``only``) expired partial caches forgotten and
+    garbage collected by a full walk first, so that capacity is judged on what entries hold.
     """
     with site_errors(store, "evict"):
-        return _run(ctx, store, only=only, expired_only=expired_only, dry_run=dry_run, now=now, reason=reason)
+        return _run(ctx, store, only=only, expired_only=expired_only, dry_run=dry_run, now=now, reason=reason, collect=collect)
 
 
 def _run(
-    ctx: Context, store: SiteStore, *, only: Iterable[str] | None, expired_only: bool, dry_run: bool, now: float | None, reason: str | None
+    ctx: Context,
+    store: SiteStore,
+    *,
+    only: Iterable[str] | None,
+    expired_only: bool,
+    dry_run: bool,
+    now: float | None,
+    reason: str | None,
+    collect: bool,
 ) -> tuple[EvictionPlan, EvictionResult | None]:
     from . import audit
     from .errors import ConflictError
@@ -463,7 +473,7 @@ def _run(
             ctx.events.audit(
                 "lease-reap", commit=dead.commit, site=store.name, lease=dead.id, host=dead.host, pid=dead.pid, reason="holder gone"
             )
-        if only is None:
+        if only is None and collect:
             for p in expire_partials(store, now):
                 log.info("partial cache of %s at %s expired (kept %s): its objects go with this gc", p.commit[:12], store.name, store.site.keep_partial)
                 ctx.events.audit("partial-expired", dataset=p.dataset, commit=p.commit, site=store.name, host=p.host)

@@ -402,10 +402,12 @@ class SiteStore:
             self.check()
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        subdirs = ["objects", "objects/sha256", "commits", "meta", "manifests", "used", "staging", "tmp", "locks", "trash", "policy"]
+        subdirs = ["objects", "objects/sha256", "commits", "meta", "manifests", "used", "staging", "tmp", "locks", "trash", "policy", "usage"]
         subdirs += [f"objects/sha256/{i:02x}" for i in range(256)]  # so storing an object never needs a mkdir
         for sub in subdirs:
             (self.root / sub).mkdir(exist_ok=True)
+        if not any(True for _ in self.object_files()):  # a new root: its usage ledger starts at zero
+            self.set_usage_base(0, 0, superseded=())
         group = self._configured.group
         if group:  # every directory of the root belongs to the team, group-writable and setgid
             for path in (self.root, *(self.root / sub for sub in subdirs)):

@@ -526,6 +526,7 @@ def daemon(
     listen: Annotated[str, typer.Option("--listen", help="HTTP address for /status and /metrics; 'off' to disable.")] = "127.0.0.1:8731",
     sweep: Annotated[str, typer.Option("--sweep", help="How often to evict expired / over-capacity entries.")] = "1m",
     refresh: Annotated[str, typer.Option("--refresh", help="How often to index new commits and tags from the lake.")] = "1m",
+    gc_every: Annotated[str, typer.Option("--gc", help="How often a sweep also walks objects/ to collect garbage (a full walk).")] = "1h",
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning.")] = "info",
 ) -> None:
     """Run the background service in the foreground (systemd-friendly; SIGTERM stops it cleanly)."""
@@ -544,6 +545,7 @@ def daemon(
         listen=None if listen == "off" else listen,
         sweep_every=parse_duration(sweep),
         refresh_every=parse_duration(refresh),
+        gc_every=parse_duration(gc_every),
     )
     run_forever(d)
 

@@ -114,3 +114,40 @@ def test_the_usage_ledger_follows_every_change_without_a_walk(tmp_path: Path) ->
         hub.cache("a")
         hub.evict()  # a policy sweep
         agree()
+
+
+@pytest.mark.parametrize(
+    ("err", "kind", "advice"),
+    [
+        (116, "SiteIOError", "remount"),  # ESTALE: a stale NFS file handle
+        (5, "SiteIOError", "check the mount"),  # EIO
+        (13, "SitePermissionError", "--group"),  # EACCES on a site without a group
+        (28, "NoSpaceError", "free space"),  # ENOSPC
+        (18, "SiteIOError", "--link auto"),  # EXDEV: a hard link refused
+    ],
+)
+def test_filesystem_errors_at_a_site_name_the_fix(store: SiteStore, err: int, kind: str, advice: str) -> None:
+    """The one mocked fault family here: errors a real mount gives (stale handles...) are made
+    as OSError values and passed through the translation every site operation uses."""
+    import os as _os
+
+    from cachehub.store import site_errors
+
+    with pytest.raises(Exception) as raised:
+        with site_errors(store, "cache ds"):
+            raise OSError(err, _os.strerror(err), str(store.root / "used" / "x"))
+    assert type(raised.value).__name__ == kind and advice in str(raised.value)
+    assert "site gpu-a" in str(raised.value) and "cache ds" in str(raised.value)
+
+
+def test_a_vanished_root_is_reported_as_missing_not_as_a_raw_error(store: SiteStore) -> None:
+    import shutil as _shutil
+
+    from cachehub.errors import SiteMissingError
+    from cachehub.store import site_errors
+
+    _shutil.rmtree(store.root)
+    with pytest.raises(SiteMissingError, match="not mounted"):
+        with site_errors(store, "record a use"):
+            store.touch("c" * 64)
+    assert not store.root.exists()  # and nothing recreated it
