@@ -91,19 +91,10 @@ class Hub:
         """Publish a directory as a new commit (options: see ``cachehub.push.publish``)."""
         return push.push(self.ctx, directory, dataset, **options)
 
-    def snapshot(
-        self,
-        directory: str | os.PathLike[str],
-        dataset: str,
-        *,
-        message: str = "",
-        run: str | None = None,
-        derived_from: tuple[str, ...] = (),
-        tag: str | None = None,
-        progress: Progress = NULL,
-    ) -> PushResult:
-        """A new commit from a working directory, re-hashing only files changed since last seen."""
-        return push.snapshot(self.ctx, directory, dataset, message=message, run=run, derived_from=derived_from, tag=tag, progress=progress)
+    def snapshot(self, directory: str | os.PathLike[str], dataset: str, **options: object) -> PushResult:
+        """A new commit from a working directory, re-hashing only files changed since last seen
+        (options: ``message``, ``run``, ``derived_from``, ``tag``, ``progress``; see ``cachehub.push.snapshot``)."""
+        return push.snapshot(self.ctx, directory, dataset, **options)  # type: ignore[arg-type]
 
     def tag(self, ref: str, tag: str, *, force: bool = False) -> Tag:
         """Point ``tag`` at the commit ``ref`` names, by compare-and-swap in the lake."""
