@@ -46,14 +46,16 @@ def commit_id_of(ctx: Context, ref: Ref, store: SiteStore) -> str:
     try:
         return index.resolve_commit(ctx, ref, max_age=ctx.settings.max_staleness).id
     except (LakeError, ConfigError) as exc:  # the lake cannot be reached, or read with what this host has
-        commit_id = _from_site_refs(store, ref, why=str(exc))
-        log.warning("the lake could not be read (%s); %s answered from site %s's refs", exc, ref, store.name)
+        found = index.lookup_local(ctx, ref)
+        where = "this home's catalog" if found is not None else f"site {store.name}'s refs"
+        commit_id = found.id if found is not None else _from_site_refs(store, ref, why=str(exc))
+        log.warning("the lake could not be read (%s); %s answered from %s", exc, ref, where)
         return commit_id
 
 
 def _from_site_refs(store: SiteStore, ref: Ref, *, why: str) -> str:
     recorded = store.site_ref(ref.dataset, ref.ref)
-    if recorded is None:
+    if recorded is None or not store.is_cached(recorded[0]):
         raise RefNotFoundError(
             f"{ref} is not known here without the lake ({why}), and site {store.name} holds no commit cached as {ref}; "
             f"give a full commit id, or reach the lake",
@@ -91,8 +93,9 @@ def resolve(ctx: Context, ref: str | Ref, *, site: str | None = None, fetch: boo
 
         if cache_queue.daemon_info(store) is not None:
             # a daemon serves this site: one download for every node asking at once
-            request = cache_queue.enqueue(store, dataset=dataset, commit=commit_id, ref=parsed.ref)
-            cache_queue.wait_for(store, commit_id, request)
+            with site_errors(store, f"queue a request for {parsed}"):
+                request = cache_queue.enqueue(store, dataset=dataset, commit=commit_id, ref=parsed.ref)
+                cache_queue.wait_for(store, commit_id, request)
         else:
             # imported here, not at the top: resolving a cached commit (``cachehub path`` before
             # every job) never needs the download engine, and importing it (asyncio) costs ~25 ms

@@ -111,6 +111,7 @@ def _cache_at(ctx: Context, ref: Ref, store: SiteStore, *, progress: Progress, j
                 store.sweep_leftovers()
             if store.is_cached(commit.id):  # another process published it while we waited
                 store.touch(commit.id)
+                _record_refs(ctx, store, ref, commit)
                 return _result(commit, store, 0, 0, commit.files, commit.bytes, started, already=True)
             the_plan, evicted, got = _build(ctx, store, commit, manifest, missing_list, progress, jobs or ctx.settings.jobs, lock)
         finally:

@@ -62,11 +62,10 @@ def pending(store: SiteStore) -> dict[str, list[Request]]:
         path = store.queue_dir / name
         try:
             body = json.loads(path.read_bytes())
-        except (FileNotFoundError, ValueError):
-            continue
-        groups[body["commit"]].append(
-            Request(path, body["commit"], body["dataset"], body.get("ref", ""), body.get("user", ""), body.get("host", ""), body.get("requested", ""))
-        )
+            request = Request(path, body["commit"], body["dataset"], body.get("ref", ""), body.get("user", ""), body.get("host", ""), body.get("requested", ""))
+        except (FileNotFoundError, PermissionError, ValueError, KeyError, TypeError):
+            continue  # gone, unreadable or malformed: one bad file must not stop the queue
+        groups[request.commit].append(request)
     return dict(groups)
 
 

@@ -9,7 +9,7 @@ What it carries:
 
 * ``settings``: where things are (``config.py``);
 * ``lake`` and ``catalog``: opened on first use, so a call answered from a site root alone
-  (``resolve`` of a full commit id) opens neither;
+  (``resolve`` of a full commit id) opens no lake;
 * identity and clock: ``user``, ``host``, ``now()``;
 * ``events``: the sink for audit events and hooks (one place calls both).
 """

@@ -315,14 +315,14 @@ class Daemon:
             return
         with self._context() as ctx:
             for site, commit_id in todo:
-                store = ctx.store(site)
-                meta = store.meta_path(commit_id)
-                if not store.is_cached(commit_id) or not meta.exists():
-                    continue
-                dataset = json.loads(meta.read_bytes())["dataset"]
                 try:
+                    store = ctx.store(site)
+                    meta = store.meta_path(commit_id)
+                    if not store.is_cached(commit_id) or not meta.exists():
+                        continue
+                    dataset = json.loads(meta.read_bytes())["dataset"]
                     report = verify.verify(ctx, f"{dataset}@{commit_id}", site=site, repair=True)
-                except (CachehubError, OSError) as exc:
+                except (CachehubError, OSError, ValueError, KeyError) as exc:
                     self.metrics.fail(site, "repair")
                     log.warning("repair of %s at %s failed: %s", commit_id[:12], site, exc)
                     continue

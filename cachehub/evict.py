@@ -388,7 +388,8 @@ def execute(
                 marker.unlink(missing_ok=True)
         remove_tree(trash)
         done.append(ev)
-    if plan.target is None and store.site.link in ("auto", "hardlink") and all(ev.reason in ("manual", "purged") for ev in plan.evict):
+    named = plan.target is None and all(ev.reason in ("manual", "purged") for ev in plan.evict)
+    if named and store.site.link in ("auto", "hardlink") and store.all_trees_linked():
         # named entries on a hard-link site: collect only their content (what they touched)
         candidates: set[bytes] = set(doomed)
         for ev in done:
@@ -482,12 +483,12 @@ def _run(
                 log.info("gc at %s removed %d objects (%d bytes) no cached commit uses", store.name, removed, freed)
                 ctx.events.audit("gc", site=store.name, objects=removed, bytes=freed)
     the_plan = plan(store, now=now, only=only, expired_only=expired_only, source=ctx.manifest_source())
-    if not dry_run and the_plan.evict:
-        ctx.events.hook("pre_evict", site=store.name, commits=[e.entry.commit for e in the_plan.evict])
     if only is not None:
         refused = [f"{e.dataset}@{e.commit[:12]} ({why})" for e, why in the_plan.kept]
         if refused:
             raise ConflictError(f"not evicting {', '.join(refused)}: unpin it, or wait for its users to finish")
+    if not dry_run and the_plan.evict:
+        ctx.events.hook("pre_evict", site=store.name, commits=[e.entry.commit for e in the_plan.evict])
     if dry_run:
         return the_plan, None
     result = apply(ctx, store, the_plan, reason=reason)

@@ -45,7 +45,13 @@ def atomic_write(
         finally:
             os.close(fd)
         if exclusive:
-            os.link(tmp, path)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                # over NFS a retransmitted link() can report EEXIST for our own success: then the
+                # temp file has two names (open(2), "O_EXCL"), and the file is ours
+                if os.stat(tmp).st_nlink != 2:
+                    raise
         else:
             os.replace(tmp, path)
     finally:

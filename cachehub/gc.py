@@ -61,9 +61,8 @@ def gc(
             referenced[bytes.fromhex(entry.sha256)] = entry.size
 
     def index() -> set[str]:
-        names = set()
+        names = store.published()  # the same kind of set the removals compare with
         for c in store.cached():
-            names.add(c.commit)
             try:
                 add(c.manifest)
             except SiteDamagedError as exc:
@@ -131,22 +130,24 @@ def gc(
             if st.st_mtime >= started:
                 keeps(st.st_size)
                 continue  # arrived while this gc ran: surely some build's
-            if now - st.st_mtime < GC_MIN_AGE:
-                if other_builder():
+            if now - st.st_mtime < GC_MIN_AGE and other_builder():
+                keeps(st.st_size)
+                continue
+            if store.published() != published:  # a build published meanwhile (it may reuse old content): look again
+                published = index()
+                if key in referenced:
                     keeps(st.st_size)
                     continue
-                if store.published() != published:  # a build published meanwhile: look again
-                    published = index()
-                    if key in referenced:
-                        keeps(st.st_size)
-                        continue
         if store.lock_names() - builds:  # a build started meanwhile: keep what it needs
             builds = index_builds()
             if key in referenced:
                 keeps(st.st_size)
                 continue
         if not dry_run:
-            os.unlink(path)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue  # another gc (another host) removed it first
         count += 1
         total += st.st_size
     if not dry_run:

@@ -245,10 +245,6 @@ class Lake:
     def datasets(self) -> list[str]:
         return self.backend.list_dirs("datasets")
 
-    def iter_commits(self, dataset: str) -> Iterator[Commit]:
-        for commit_id in self.commit_ids(dataset):
-            yield self.read_commit(dataset, commit_id)
-
     def _names(self, prefix: str, suffix: str = ".json") -> list[str]:
         """The names (without ``suffix``) of the documents directly under ``prefix``."""
         out = []

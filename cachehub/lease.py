@@ -58,7 +58,6 @@ class Lease:
         self.id = f"{HOST}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
         self.path = store.lease_dir(commit_id) / f"{self.id}.json"
         self.timeout = timeout
-        store.make_dirs(self.path.parent)
         body = {
             "format_version": 1,
             "lease": self.id,
@@ -70,7 +69,14 @@ class Lease:
             "created": now_iso(),
             "timeout": timeout,
         }
-        atomic_write(self.path, canonical_json(body), durable=False)
+        for attempt in range(3):
+            store.make_dirs(self.path.parent)
+            try:
+                atomic_write(self.path, canonical_json(body), durable=False)
+                break
+            except FileNotFoundError:  # another job's release removed the empty directory just now
+                if attempt == 2:
+                    raise
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="cachehub-lease", daemon=True)
         self._thread.start()

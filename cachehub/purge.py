@@ -16,7 +16,7 @@ from .errors import ConfigError, ConflictError
 from .manifest import read_manifest
 from .model import Commit, Tombstone
 from .results import PurgeResult
-from .store import SiteStore
+from .store import SiteStore, site_errors
 
 
 def purge(ctx: Context, ref: str, *, reason: str) -> PurgeResult:
@@ -58,6 +58,8 @@ def erase(ctx: Context, commit: Commit, *, reason: str) -> PurgeResult:
     doomed = {} if same_tree else {sha: size for sha, size in mine.items() if sha not in shared}
     tombstone = Tombstone(commit.id, commit.dataset, reason, ctx.user, ctx.now_iso(), ctx.host)
     lake.write_tombstone(tombstone)  # first: the id is dead from now on
+    with ctx.catalog.transaction():
+        ctx.catalog.add_tombstone(tombstone)  # and here too, before anything below can fail
     tags_removed = tuple(t.name for t in lake.tags(commit.dataset) if t.commit == commit.id)
     for tag in tags_removed:
         lake.delete_tag(commit.dataset, tag)
@@ -66,9 +68,7 @@ def erase(ctx: Context, commit: Commit, *, reason: str) -> PurgeResult:
     if not same_tree:
         lake.delete_manifest(commit.manifest)
     lake.delete_commit(commit.dataset, commit.id)
-    evicted = [store.name for store in stores if store.exists() and evict_purged(ctx, store, [commit.id])]
-    with ctx.catalog.transaction():
-        ctx.catalog.add_tombstone(tombstone)
+    evicted = [store.name for store in stores if store.exists() and store.is_cached(commit.id) and evict_purged(ctx, store, [commit.id])]
     return PurgeResult(
         commit.dataset, commit.id, len(doomed), sum(doomed.values()), len(mine) - len(doomed), tags_removed, tuple(evicted)
     )
@@ -80,5 +80,6 @@ def evict_purged(ctx: Context, store: SiteStore, commit_ids: list[str]) -> list[
     plans = [evict.plan_purge(store, cid, now=now) for cid in commit_ids]
     evictions = tuple(e for p in plans for e in p.evict)
     plan = evict.EvictionPlan(evictions, (), sum(e.entry.bytes for e in evictions), 0, None, 0, now)
-    result = evict.apply(ctx, store, plan)
+    with site_errors(store, "remove a purged commit"):
+        result = evict.apply(ctx, store, plan)
     return [e.entry.commit for e in result.evicted]

@@ -1,7 +1,8 @@
 """Setting up: ``init`` (configuration, catalog, lake marker, default site) and sites (add, set).
 
-A site is a cache root near compute plus its eviction policy. Its name and policy are written
-to this home's ``config.toml``; its root is laid out (``SiteStore.ensure``) when it is added.
+A site is a cache root near compute plus its eviction policy. This home's ``config.toml`` maps
+its name to its root; the policy lives in the root (``<root>/policy/``, ``SiteStore``), laid out
+(``SiteStore.create``) when a new root is added.
 """
 
 from __future__ import annotations

@@ -300,10 +300,9 @@ class SiteStore:
             path = base / name
             try:
                 body = json.loads(path.read_bytes())
-                started = path.stat().st_mtime
-            except (FileNotFoundError, ValueError):
-                continue
-            out.append(PartialBuild(body["commit"], body.get("dataset", ""), body["manifest"], body.get("host", ""), started))
+                out.append(PartialBuild(body["commit"], body.get("dataset", ""), body["manifest"], body.get("host", ""), path.stat().st_mtime))
+            except (FileNotFoundError, PermissionError, ValueError, KeyError, TypeError):
+                continue  # gone or malformed: a bad record must not break gc or status
         return out
 
     def mark_evicting(self, commit_id: str) -> Path | None:
@@ -519,6 +518,19 @@ class SiteStore:
             if found is not None:
                 yield found
 
+    def all_trees_linked(self) -> bool:
+        """Were every published tree's files made as hard links (meta ``link`` auto/hardlink)?
+
+        Only then does an object's link count say whether a tree still uses it. O(commits).
+        """
+        for name in self.published():
+            try:
+                if json.loads(self.meta_path(name).read_bytes()).get("link") not in ("auto", "hardlink"):
+                    return False
+            except (FileNotFoundError, ValueError):
+                return False
+        return True
+
     def cached_commit(self, commit_id: str) -> CachedCommit | None:
         """One published commit, if it is here with its metadata (O(1): no listing)."""
         try:
@@ -549,6 +561,7 @@ class SiteStore:
             "bytes": commit.bytes,
             "cached_at": now_iso(),
             "cached_by_host": HOST,
+            "link": self.site.link,  # how the tree was made: what a removal may infer from link counts
         }
         atomic_write(self.meta_path(commit.id), canonical_json(body))
 
@@ -586,6 +599,8 @@ class SiteStore:
             return objects, nbytes
         objects = nbytes = 0
         for name in names:
+            if name != "base.json" and not (name.startswith("delta.") and name.endswith(".json")):
+                continue  # a temp file of an interrupted write
             try:
                 body = json.loads((self.usage_dir / name).read_bytes())
             except (FileNotFoundError, ValueError):
@@ -785,8 +800,14 @@ class BuildLock:
                     pass
 
     def release(self) -> None:
+        """Drop the lock, unless someone broke it meanwhile (then the file is theirs now)."""
         self._stop.set()
-        self.path.unlink(missing_ok=True)
+        try:
+            parts = self.path.read_text().split()
+        except FileNotFoundError:
+            return
+        if parts[:2] == [HOST, str(os.getpid())]:
+            self.path.unlink(missing_ok=True)
 
 
 def lock_is_stale(path: Path, *, now: float | None = None) -> bool:

@@ -106,7 +106,7 @@ def _repair(ctx: Context, store: SiteStore, commit: Commit, top: Path, bad: list
                     os.chmod(obj, 0o444)
                 Linker(store.site.link).place(obj, str(path))
         finally:
-            os.chmod(parent, 0o555)
+            os.chmod(parent, 0o575 if store.site.group else 0o555)
         repaired.append(entry.path)
     ctx.events.audit("repair", dataset=commit.dataset, commit=commit.id, site=store.name, files=len(repaired))
     return repaired

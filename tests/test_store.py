@@ -151,3 +151,22 @@ def test_a_vanished_root_is_reported_as_missing_not_as_a_raw_error(store: SiteSt
         with site_errors(store, "record a use"):
             store.touch("c" * 64)
     assert not store.root.exists()  # and nothing recreated it
+
+
+def test_the_ledger_ignores_leftovers_of_interrupted_writes(store: SiteStore) -> None:
+    store.set_usage_base(1, 100, superseded=())
+    store.add_usage(2, 50)
+    (store.usage_dir / ".delta.x.json.host.1.abc.tmp").write_text('{"objects": 9, "bytes": 900}')  # a crash mid-write
+    assert store.usage() == (3, 150)
+
+
+def test_a_malformed_queue_request_or_partial_record_is_skipped(store: SiteStore) -> None:
+    from cachehub import cache_queue
+
+    store.make_dirs(store.queue_dir)
+    (store.queue_dir / "bad.json").write_text('{"no": "commit"}')
+    good = cache_queue.enqueue(store, dataset="ds", commit="c" * 64, ref="v1")
+    assert [r.path for r in cache_queue.pending(store)["c" * 64]] == [good]
+    store.make_dirs(store.partial_path("x").parent)
+    store.partial_path("x").write_text("not json")
+    assert store.partials() == []
