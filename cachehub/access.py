@@ -10,9 +10,10 @@ running jobs").
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import index
@@ -169,3 +170,54 @@ def request_cache(ctx: Context, ref: str, *, site: str | None = None) -> Path:
         request = cache_queue.enqueue(store, dataset=commit.dataset, commit=commit.id, ref=ref)
     ctx.events.audit("cache-request", dataset=commit.dataset, commit=commit.id, ref=ref, site=store.name)
     return request
+
+
+def wait_cached(
+    ctx: Context,
+    ref: str | Ref,
+    *,
+    site: str | None = None,
+    timeout: float = 86400.0,
+    request: Path | None = None,
+    report: Callable[[str], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Path:
+    """Wait until the commit ``ref`` names is cached at ``site``, by whoever caches it; its path.
+
+    Fetches nothing: this is what a training pod's init container runs while shards, a daemon
+    (``request`` is then its queue entry: a failed request ends the wait) or another host cache
+    the commit. Polls the site root (0.2 s, growing to 5 s); ``report`` gets a line every 30 s
+    saying what it waits for. The use is recorded (``used/``) when it returns, like ``resolve``.
+    Raises NotCachedError after ``timeout`` seconds.
+    """
+    from . import cache_queue
+
+    parsed = Ref.of(ref)
+    store = ctx.store(site)
+    commit_id = commit_id_of(ctx, parsed, store)
+    started = clock()
+    poll, last_report = 0.2, started
+    with site_errors(store, f"wait for {parsed}"):
+        while not store.is_cached(commit_id):
+            if request is not None:
+                cache_queue.raise_if_failed(request, commit_id)
+            now = clock()
+            if now - started >= timeout:
+                raise NotCachedError(
+                    f"waited {now - started:.0f}s for {parsed} ({commit_id[:12]}) to be cached at site {store.name}, "
+                    f"and nobody published it; see `cachehub status --site {store.name}` (is a cache, its shards "
+                    "or the daemon running?), or raise --timeout",
+                    dataset=parsed.dataset,
+                    commit=commit_id,
+                    site=store.name,
+                )
+            if report is not None and now - last_report >= 30:
+                last_report = now
+                building = [p for p in store.partials() if p.commit == commit_id]
+                state = f"being fetched (from {building[0].host})" if building else "not being fetched yet"
+                report(f"waiting for {parsed} ({commit_id[:12]}) at site {store.name}: {state}, {now - started:.0f}s so far")
+            sleep(min(poll, max(0.0, timeout - (now - started))))
+            poll = min(poll * 2, 5.0)
+        store.touch(commit_id)
+    return store.commit_path(commit_id)

@@ -10,11 +10,11 @@ default hub built from the environment. See docs/architecture.md for who owns wh
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
-from . import access, audit, cache, evict, index, lineage, purge, push, restore, runs, sites, status, tags, verify
+from . import access, audit, cache, evict, index, lineage, purge, push, restore, runs, shard, sites, status, tags, verify
 from .catalog import Catalog
 from .config import Settings, lake_identity, lake_uri
 from .context import Context
@@ -25,7 +25,7 @@ from .lake import Lake
 from .lease import pin, unpin
 from .manifest import read_manifest
 from .model import CacheResult, Commit, DatasetInfo, DiffEntry, ManifestEntry, PushResult, Site, Tag, VerifyResult
-from .results import AuditEvent, GcResult, LeaseStatus, PurgeResult, RestoreResult, SiteStatus, Subscription
+from .results import AuditEvent, GcResult, LeaseStatus, PurgeResult, RestoreResult, ShardResult, SiteStatus, Subscription
 from .policy import parse_duration
 from .progress import NULL, Progress
 from .refs import Ref, validate_dataset_name, validate_tag_name
@@ -154,6 +154,23 @@ class Hub:
     def cache(self, ref: str, *, site: str | None = None, progress: Progress = NULL, jobs: int | None = None) -> CacheResult:
         """Materialise a commit at a site, fetching only the content the site lacks."""
         return cache.cache(self.ctx, ref, site=site, progress=progress, jobs=jobs)
+
+    def cache_shard(
+        self, ref: str, part: str | shard.Shard, *, site: str | None = None, progress: Progress = NULL, jobs: int | None = None
+    ) -> ShardResult:
+        """Fetch shard ``K/N`` (``"2/8"`` or a ``Shard``) of a commit into a site; publish it if complete.
+
+        See ``cachehub.shard``: shards never overlap, and the one that finds every object at
+        the site publishes the commit.
+        """
+        which = part if isinstance(part, shard.Shard) else shard.Shard.parse(part)
+        return shard.cache_shard(self.ctx, ref, which, site=site, progress=progress, jobs=jobs)
+
+    def wait(
+        self, ref: str, *, site: str | None = None, timeout: float = 86400.0, request: Path | None = None, report: Callable[[str], None] | None = None
+    ) -> Path:
+        """Wait until a commit is cached at a site by anyone (shards, a daemon, another host); its path."""
+        return access.wait_cached(self.ctx, ref, site=site, timeout=timeout, request=request, report=report)
 
     def cache_async(self, ref: str, *, site: str | None = None) -> Path:
         """Ask the site's daemon to cache ``ref``; returns the request file at once."""

@@ -57,14 +57,20 @@ class Plan:
     large: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
-def cache(ctx: Context, ref: str | Ref, *, site: str | None = None, progress: Progress = NULL, jobs: int | None = None) -> CacheResult:
-    """Materialise the commit ``ref`` names at ``site`` with the cache hooks around it."""
+def cache(
+    ctx: Context, ref: str | Ref, *, site: str | None = None, progress: Progress = NULL, jobs: int | None = None, given: str | None = None
+) -> CacheResult:
+    """Materialise the commit ``ref`` names at ``site`` with the cache hooks around it.
+
+    ``given`` is the ref as the user wrote it when ``ref`` is already resolved (a shard).
+    """
     parsed = Ref.of(ref)
     store = ctx.store(site)
-    ctx.events.hook("pre_cache", ref=str(ref), site=store.name)
-    result = build(ctx, parsed, store, progress=progress, jobs=jobs, given=str(ref))
+    given = given or str(ref)
+    ctx.events.hook("pre_cache", ref=given, site=store.name)
+    result = build(ctx, parsed, store, progress=progress, jobs=jobs, given=given)
     ctx.events.hook(
-        "post_cache", ref=str(ref), site=store.name, commit=result.commit, path=result.path, fetched_bytes=result.fetched_bytes
+        "post_cache", ref=given, site=store.name, commit=result.commit, path=result.path, fetched_bytes=result.fetched_bytes
     )
     if not result.already_cached:
         from . import audit

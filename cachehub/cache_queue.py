@@ -136,13 +136,18 @@ def daemon_info(store: SiteStore, now: float | None = None) -> DaemonInfo | None
 def wait_for(store: SiteStore, commit: str, request: Path, *, timeout: float = 3600.0, poll: float = 0.2) -> Path:
     """Block until the daemon has published ``commit`` (or failed the request)."""
     deadline = time.monotonic() + timeout
-    failed_path = request.with_suffix(".failed")
     while time.monotonic() < deadline:
         if store.is_cached(commit):
             return store.commit_path(commit)
-        if failed_path.exists():
-            error = json.loads(failed_path.read_bytes()).get("error", "unknown error")
-            failed_path.unlink(missing_ok=True)
-            raise CachehubError(f"the daemon could not cache {commit[:12]}: {error}")
+        raise_if_failed(request, commit)
         time.sleep(poll)
     raise NotCachedError(f"timed out after {timeout:.0f}s waiting for the daemon to cache {commit[:12]}; is it running?")
+
+
+def raise_if_failed(request: Path, commit: str) -> None:
+    """Raise the daemon's error if it gave up on ``request`` (and forget the failure)."""
+    failed_path = request.with_suffix(".failed")
+    if failed_path.exists():
+        error = json.loads(failed_path.read_bytes()).get("error", "unknown error")
+        failed_path.unlink(missing_ok=True)
+        raise CachehubError(f"the daemon could not cache {commit[:12]}: {error}")

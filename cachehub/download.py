@@ -27,12 +27,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import chunks
+from . import chunks, pause
 from .errors import IntegrityError, SiteDamagedError
 from .lake import Lake
 from .lanes import run_bounded, run_loop
 from .progress import NULL, Progress
-from .store import CachedCommit, SiteStore
+from .store import CachedCommit, RangeParts, SiteStore
 
 LARGE_OBJECT = 16 * 1024 * 1024  # above this, parallel ranged GETs streamed to disk
 RANGE_SIZE = 8 * 1024 * 1024
@@ -178,6 +178,10 @@ async def _fetch_large(
     the site, or a wrong chunk map), the object is fetched again whole from the lake before
     anything is reported.
     """
+    parts = store.range_parts(sha, size)
+    if parts.exists():  # pieces fetched by shards (or a shard that died): fetch the rest, then verify
+        if await _finish_parts(lake, store, parts, limit):
+            return 0
     whole = [chunks.Segment(0, size, None)]
     segments, base_fd = whole, None
     if base is not None:
@@ -263,6 +267,100 @@ async def _assemble(
         raise
     os.close(fd)
     return digest.hexdigest(), tmp
+
+
+@dataclass(frozen=True)
+class Pieces:
+    """Some pieces (RANGE_SIZE ranges on a fixed grid) of one large object: a shard's share."""
+
+    sha256: str
+    size: int
+    starts: tuple[int, ...]
+
+
+def download_pieces(lake: Lake, store: SiteStore, wanted: Iterable[Pieces], *, progress: Progress = NULL, jobs: int = 64) -> Downloaded:
+    """Fetch pieces of large objects into their ``RangeParts`` at the site (see ``store.RangeParts``).
+
+    A piece already marked done is skipped, so a re-run resumes. Pieces are not verified one
+    by one (an object's SHA-256 covers the whole); the process that finds every piece of an
+    object done verifies the whole file before it enters ``objects/`` (``_finish_parts``).
+    """
+    items = [(p, start) for p in wanted for start in p.starts]
+    counts = [0, 0]
+
+    async def main() -> None:
+        limit = asyncio.Semaphore(max(2, min(jobs, RANGES_IN_FLIGHT)))
+        await _fetch_pieces(lake, store, items, limit, lambda n: (counts.__setitem__(1, counts[1] + n), progress.advance(0, n)))
+
+    progress.start("fetch", total_bytes=sum(min(RANGE_SIZE, p.size - s) for p, s in items) or None)
+    try:
+        run_loop(main())
+        counts[0] = len({p.sha256 for p, _ in items})
+    finally:
+        progress.finish()
+    return Downloaded(counts[0], counts[1], 0)
+
+
+async def _fetch_pieces(lake: Lake, store: SiteStore, items: list, limit: asyncio.Semaphore, got: Callable[[int], None]) -> None:
+    """Fetch (Pieces, start) items not yet done into their range files, many at once."""
+    files: dict[str, tuple[RangeParts, int]] = {}  # sha -> (its pieces, the data file), opened on first use
+    done: dict[str, set[int]] = {}
+
+    async def one(item: tuple[Pieces, int]) -> None:
+        p, start = item
+        if p.sha256 not in files:
+            parts = store.range_parts(p.sha256, p.size)
+            files[p.sha256] = (parts, parts.open_for_write())
+            done[p.sha256] = parts.done()
+        parts, fd = files[p.sha256]
+        if start in done[p.sha256]:
+            return
+        end = min(start + RANGE_SIZE, p.size)
+        async with limit:
+            data = await lake.aget_object_range(p.sha256, start, end)
+        if len(data) != end - start:
+            raise _damaged(p.sha256, start + len(data))
+        await asyncio.to_thread(_write_piece, fd, data, start)
+        parts.mark_done(start)
+        got(end - start)
+        pause.point("download.piece-done")
+
+    try:
+        await run_bounded(items, one, jobs=RANGES_IN_FLIGHT)
+    finally:
+        for _parts, fd in files.values():
+            os.close(fd)
+
+
+def _write_piece(fd: int, data: object, offset: int) -> None:
+    _write_at(fd, data, offset)
+    os.fsync(fd)  # on the export before it is marked done: another host may assemble it next
+
+
+async def _finish_parts(lake: Lake, store: SiteStore, parts: RangeParts, limit: asyncio.Semaphore) -> bool:
+    """Fetch the pieces not yet done, verify the whole file and publish it; False if it did not verify.
+
+    A file that does not verify (a piece damaged in transit) is removed: the caller then
+    fetches the object whole, as if no piece had arrived.
+    """
+    todo = [(Pieces(parts.sha256, parts.size, ()), start) for start in parts.starts(RANGE_SIZE)]
+    await _fetch_pieces(lake, store, todo, limit, lambda n: None)
+    digest = await asyncio.to_thread(_hash_file, str(parts.data))
+    if digest != parts.sha256:
+        parts.remove()
+        return False
+    os.chmod(parts.data, 0o444)
+    store.publish_object(str(parts.data), parts.sha256)
+    parts.remove()
+    return True
+
+
+def _hash_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as fh:
+        while block := fh.read(RANGE_SIZE):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _write_at(fd: int, data: object, offset: int) -> None:

@@ -167,7 +167,25 @@ def gc(
         for marker in store.used_markers():
             if not store.is_cached(marker.name) and now - _mtime(marker, now) > store.site.grace:
                 marker.unlink(missing_ok=True)
+        expire_range_parts(store, now)
     return count, total
+
+
+def expire_range_parts(store: SiteStore, now: float) -> int:
+    """Remove pieces of large objects (sharded caching) nobody will finish; return how many objects.
+
+    A piece file goes once its object is in ``objects/`` (its publisher died before removing
+    it), or when no piece of it was written for the site's ``keep_partial`` and no shard is
+    running at the site -- the same rule as a partial cache's objects.
+    """
+    removed = 0
+    shards_running = any(".shard-" in name for name in store.lock_names()) and bool(store.building())
+    for sha, _directory in store.range_part_dirs():
+        parts = store.range_parts(sha, 0)
+        if os.path.exists(store.object_file(sha)) or (not shards_running and now - parts.newest() > store.site.keep_partial):
+            parts.remove()
+            removed += 1
+    return removed
 
 
 def collect_unlinked(

@@ -173,3 +173,21 @@ class PurgeResult:
     kept_shared: int  # objects also used by other commits, kept
     tags_removed: tuple[str, ...]
     sites_evicted: tuple[str, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class ShardResult(Fields):
+    """What one shard of a sharded cache did (``cachehub cache --shard K/N``)."""
+
+    dataset: str
+    commit: str
+    site: str
+    shard: str  # "K/N"
+    fetched_files: int  # small objects this shard fetched
+    fetched_bytes: int  # their bytes plus the bytes of the pieces of large objects it fetched
+    fetched_pieces: int  # pieces of large objects it fetched
+    published: bool  # the commit is published at the site now
+    published_here: bool  # ... and this shard published it
+    path: str | None  # the tree, once published
+    waiting_for: str | None  # unpublished: the first file whose content another shard still fetches
+    seconds: float

@@ -95,6 +95,8 @@ def _run_recorded(
             env[input_env_name(commit.dataset)] = str(path)
             record.inputs.append({"dataset": commit.dataset, "commit": commit.id, "ref": ref.partition("@")[2] or "latest", "site": site})
         env["CACHEHUB_INPUTS"] = json.dumps(paths)
+        if site:
+            env["CACHEHUB_SITE"] = site  # the command resolves at the site the run uses, not the default
         _save_run(ctx, record)
         try:
             proc = subprocess.Popen(command, env=env)

@@ -4,10 +4,14 @@
 a ``status() -> dict`` (the daemon). Routes:
 
 * ``GET /status``  the daemon, its sites, subscriptions and counters, as JSON;
-* ``GET /metrics`` the same numbers in the Prometheus text format.
+* ``GET /metrics`` the same numbers in the Prometheus text format;
+* ``GET /healthz`` 200 while the daemon's process serves requests (a liveness probe);
+* ``GET /readyz``  200 when every site it serves has its root mounted and marked, else 503
+  naming the sites that are not (a readiness probe: a pod whose NFS export vanished leaves
+  the Service).
 
-A new page is one function taking the source and returning (body, content type), and one line
-in ``ROUTES``.
+A new page is one function taking the source and returning (body, content type[, status]),
+and one line in ``ROUTES``.
 """
 
 from __future__ import annotations
@@ -34,9 +38,22 @@ def metrics_page(source: Source) -> tuple[bytes, str]:
     return prometheus(source.status()).encode(), "text/plain; version=0.0.4"
 
 
-ROUTES: dict[str, Callable[[Source], tuple[bytes, str]]] = {
+def health_page(source: Source) -> tuple[bytes, str]:
+    return b"ok\n", "text/plain"
+
+
+def ready_page(source: Source) -> tuple[bytes, str, int]:
+    down = [f"{s['site']}: {s.get('state')}" for s in source.status()["sites"] if s.get("state", "ok") != "ok"]
+    if down:
+        return ("not ready: " + "; ".join(down) + "\n").encode(), "text/plain", 503
+    return b"ready\n", "text/plain", 200
+
+
+ROUTES: dict[str, Callable[[Source], tuple]] = {
     "/status": status_page,
     "/metrics": metrics_page,
+    "/healthz": health_page,
+    "/readyz": ready_page,
 }
 
 
@@ -113,8 +130,8 @@ def serve(source: Source, listen: str) -> Server:
             if page is None:
                 self.send_error(404, f"try {' or '.join(ROUTES)}")
                 return
-            body, ctype = page(source)
-            self.send_response(200)
+            body, ctype, *code = page(source)
+            self.send_response(code[0] if code else 200)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()

@@ -247,9 +247,8 @@ class SiteStore:
             _share_with_group(path, self.site.group)
 
     def partial_builder_alive(self, partial: PartialBuild) -> bool:
-        """Is the cache that wrote ``partial`` still running (its build lock is live)?"""
-        lock = self.locks_dir / f"{partial.commit}.lock"
-        return lock.exists() and not lock_is_stale(lock)
+        """Is a cache that wrote ``partial`` still running (its build lock, or a shard's, is live)?"""
+        return any(not lock_is_stale(lock) for lock in self.locks_dir.glob(f"{partial.commit}.*lock"))
 
     # -- refs: under which names this site holds each commit (offline resolution) ---------------
     def ref_path(self, dataset: str, ref: str) -> Path:
@@ -668,10 +667,33 @@ class SiteStore:
             os.makedirs(os.path.dirname(final), exist_ok=True)  # a root laid out by an older version
             os.rename(tmp, final)
 
-    def lock(self, commit_id: str, manifest: str = "") -> BuildLock | None:
-        """Take the advisory lock for building ``commit_id`` (from ``manifest``); None if a live builder holds it."""
+    def lock(self, commit_id: str, manifest: str = "", *, shard: str = "") -> BuildLock | None:
+        """Take the advisory lock for building ``commit_id`` (from ``manifest``); None if a live builder holds it.
+
+        ``shard`` ("2-of-8") takes the lock of one shard of a sharded cache instead: shards of
+        a commit run at once, each under its own lock, and every lock names the manifest so a
+        gc keeps what any of them fetched.
+        """
         self.make_dirs(self.locks_dir)
-        return BuildLock.acquire(self.locks_dir / f"{commit_id}.lock", manifest)
+        name = f"{commit_id}.shard-{shard}.lock" if shard else f"{commit_id}.lock"
+        return BuildLock.acquire(self.locks_dir / name, manifest)
+
+    def shard_lock_holder(self, commit_id: str, shard: str) -> str:
+        """Who holds a shard's lock ("host pid"), for an error message ("" if nobody)."""
+        try:
+            return " pid ".join((self.locks_dir / f"{commit_id}.shard-{shard}.lock").read_text().split()[:2])
+        except (FileNotFoundError, PermissionError):
+            return ""
+
+    # -- large objects fetched in pieces by several processes (sharded caching) ---------------
+    def range_parts(self, sha256: str, size: int) -> RangeParts:
+        return RangeParts(self.root / "ranges" / sha256, sha256, size)
+
+    def range_part_dirs(self) -> Iterator[tuple[str, Path]]:
+        """(sha256, directory) of every large object being fetched in pieces at the site."""
+        base = self.root / "ranges"
+        for name in sorted(os.listdir(base)) if base.exists() else ():
+            yield name, base / name
 
     def building(self) -> dict[Path, str]:
         """The live build locks at this site and the manifest id each names ("" if none)."""
@@ -737,6 +759,70 @@ class SiteStore:
 
 
 _COUNTER = itertools.count()
+
+
+class RangeParts:
+    """One large object being fetched in pieces, by several processes, into one file at the site.
+
+    ``ranges/<sha256>/data`` is a sparse file of the object's size; each piece (a range of
+    ``piece`` bytes on a fixed grid, so that shards run with different N agree on it) is
+    written at its offset, flushed, and then marked done by creating ``<start>.done``. A piece
+    without its marker is fetched again; nothing here is trusted until the whole file hashes to
+    its SHA-256 (``download.py``), and then the file is renamed into ``objects/``.
+    """
+
+    def __init__(self, directory: Path, sha256: str, size: int) -> None:
+        self.dir = directory
+        self.sha256 = sha256
+        self.size = size
+        self.data = directory / "data"
+
+    def exists(self) -> bool:
+        return self.data.exists()
+
+    def starts(self, piece: int) -> range:
+        """The offsets of every piece of the object."""
+        return range(0, self.size, piece)
+
+    def done(self) -> set[int]:
+        """The offsets of the pieces written and marked done."""
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return set()
+        return {int(n[: -len(".done")]) for n in names if n.endswith(".done") and n[: -len(".done")].isdigit()}
+
+    def complete(self, piece: int) -> bool:
+        return self.exists() and self.done() >= set(self.starts(piece))
+
+    def open_for_write(self) -> int:
+        """The data file, opened for writing at offsets (made, at the object's size, if absent)."""
+        os.makedirs(self.dir, exist_ok=True)
+        fd = os.open(self.data, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            if os.fstat(fd).st_size != self.size:
+                os.ftruncate(fd, self.size)  # every writer truncates to the same size: harmless twice
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def mark_done(self, start: int) -> None:
+        with open(self.dir / f"{start}.done", "wb"):
+            pass
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def newest(self) -> float:
+        """When a piece was last written (0.0 if none): how long ago anyone worked on it."""
+        times = [0.0]
+        for path in (self.data, *self.dir.glob("*.done")):
+            try:
+                times.append(path.stat().st_mtime)
+            except FileNotFoundError:
+                continue
+        return max(times)
 
 
 def _unlink_quietly(path: str) -> None:

@@ -270,19 +270,52 @@ def cache(
     ref: Annotated[str, typer.Argument(help="NAME@REF to cache.")],
     site: SiteOpt = None,
     jobs: JobsOpt = None,
-    run_async: Annotated[bool, typer.Option("--async", help="Queue the request for the site's daemon and return.")] = False,
+    run_async: Annotated[bool, typer.Option("--async", help="Queue the request for the site's daemon and return (with --wait: and wait).")] = False,
+    shard: Annotated[
+        Optional[str],  # noqa: UP007
+        typer.Option(
+            help="Fetch only shard K/N of what the site lacks (K from 0); the shard that completes the commit publishes it. "
+            "Default: from a Kubernetes Indexed Job (JOB_COMPLETION_INDEX with CACHEHUB_SHARDS) or a Slurm array.",
+        ),
+    ] = None,
+    no_shard: Annotated[bool, typer.Option("--no-shard", help="Cache the whole commit even inside an Indexed Job or a Slurm array.")] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait until the commit is cached at the site by anyone; alone, fetch nothing (for init containers).")
+    ] = False,
+    timeout: Annotated[str, typer.Option(help="With --wait: give up after this long (30s, 10m, 6h, 1d), exit 3.")] = "1d",
     json_out: JsonOpt = False,
 ) -> None:
-    """Materialise a commit at a site, fetching only content the site lacks; print its path."""
-    if run_async:
-        with _hub() as hub:
-            request = hub.cache_async(ref, site=site)
-        if json_out:
-            _emit({"request": str(request), "ref": ref})
-        else:
-            typer.echo(f"queued {ref} for the daemon: {request}")
-        return
+    """Materialise a commit at a site, fetching only content the site lacks; print its path.
+
+    With --shard K/N (or inside an Indexed Job or Slurm array) fetch 1/N of it, many hosts at
+    once; with --wait wait for whoever caches it.
+    """
+    from cachehub.policy import parse_duration
+    from cachehub.shard import Shard
+
+    limit = parse_duration(timeout)
+    part = None if no_shard else Shard.parse(shard) if shard is not None else Shard.from_env()
+    if part is not None and run_async:
+        raise typer.BadParameter("--shard and --async do not go together: a shard fetches here, --async asks the daemon")
+    if part is not None and part.source != "--shard" and not json_out:
+        typer.echo(f"cachehub: shard {part} (from {part.source}); --no-shard caches the whole commit", err=True)
     with _hub() as hub:
+        if run_async or (wait and part is None):
+            request = hub.cache_async(ref, site=site) if run_async else None
+            if not wait:
+                if json_out:
+                    _emit({"request": str(request), "ref": ref})
+                else:
+                    typer.echo(f"queued {ref} for the daemon: {request}")
+                return
+            if not json_out:
+                typer.echo(f"waiting for {ref} to be cached at {site or hub.settings.default_site} (up to {timeout})", err=True)
+            where = hub.wait(ref, site=site, timeout=limit, request=request, report=lambda line: typer.echo(line, err=True))
+            _emit({"ref": ref, "path": str(where), "waited": True}) if json_out else typer.echo(str(where))
+            return
+        if part is not None:
+            _cache_shard(hub, ref, part, site=site, jobs=jobs, wait=wait, limit=limit, json_out=json_out)
+            return
         r = hub.cache(ref, site=site, jobs=jobs, progress=_progress(not json_out))
     if json_out:
         _emit(r)
@@ -305,6 +338,35 @@ def cache(
                 err=True,
             )
     typer.echo(r.path)
+
+
+def _cache_shard(hub: Hub, ref: str, part: Any, *, site: str | None, jobs: int | None, wait: bool, limit: float, json_out: bool) -> None:
+    """One shard of a sharded cache; with ``wait``, then wait until the commit is published."""
+    r = hub.cache_shard(ref, part, site=site, jobs=jobs, progress=_progress(not json_out))
+    path = r.path
+    if path is None and wait:
+        if not json_out:
+            typer.echo(f"shard {r.shard} done; waiting for the other shards to complete {r.dataset}@{r.commit[:12]}", err=True)
+        path = str(hub.wait(f"{r.dataset}@{r.commit}", site=site, timeout=limit, report=lambda line: typer.echo(line, err=True)))
+    if json_out:
+        _emit({**dict(r), "path": path, "published": path is not None})
+        return
+    rate = r.fetched_bytes / r.seconds if r.seconds else 0
+    typer.echo(
+        f"shard {r.shard} of {r.dataset}@{r.commit[:12]} at {r.site}: fetched {r.fetched_files} objects and "
+        f"{r.fetched_pieces} pieces of large ones ({_size(r.fetched_bytes)}) in {r.seconds:.1f}s ({_size(rate)}/s)",
+        err=True,
+    )
+    if r.published_here:
+        typer.echo(f"every object is at {r.site}: this shard published {r.dataset}@{r.commit[:12]}", err=True)
+    elif path is None:
+        typer.echo(
+            f"not published yet: other shards still fetch (e.g. {r.waiting_for}); the last shard publishes it, "
+            f"or run `cachehub cache {r.dataset}@{r.commit[:12]}` (or --wait) afterwards",
+            err=True,
+        )
+    if path is not None:
+        typer.echo(path)
 
 
 @app.command()

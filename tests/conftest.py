@@ -64,7 +64,7 @@ class SeaweedServer:
     def __init__(self, data_dir: Path, *, buckets: tuple[str, ...] = (BUCKET,)) -> None:
         self.data_dir = data_dir
         self.buckets = buckets
-        self.ports = {k: _free_port_pair() for k in ("master", "volume", "filer", "s3", "webdav", "admin")}
+        self.ports = {k: _free_port_pair() for k in ("master", "volume", "filer", "s3", "webdav", "admin", "metrics")}
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -82,6 +82,7 @@ class SeaweedServer:
             f"-master.port={p['master']}", f"-volume.port={p['volume']}", f"-filer.port={p['filer']}",
             f"-s3.port={p['s3']}", f"-webdav.port={p['webdav']}", f"-admin.port={p['admin']}",
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-admin.ui=false", f"-bucket={','.join(self.buckets)}",
+            f"-metricsPort={p['metrics']}", "-metricsIp=127.0.0.1",
             # weed reports anonymous statistics to an outside server by default: never from here
             "-master.telemetry=false", "-master.telemetry.url=http://127.0.0.1:9/",
         ]  # fmt: skip
@@ -122,6 +123,16 @@ class SeaweedServer:
             return True
         except Exception:
             return False
+
+    def requests(self, kind: str = "GET", bucket: str = BUCKET) -> int:
+        """How many S3 requests of ``kind`` the server has answered for ``bucket`` (its own counter)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['metrics']}/metrics", timeout=5) as resp:  # noqa: S310 - loopback
+            text = resp.read().decode()
+        total = 0
+        for line in text.splitlines():
+            if line.startswith("SeaweedFS_s3_request_total{") and f'bucket="{bucket}"' in line and f'type="{kind}"' in line:
+                total += int(float(line.rsplit(" ", 1)[1]))
+        return total
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -133,6 +133,8 @@ def test_http_status_and_metrics(hub: Hub, tmp_path: Path, daemon_factory) -> No
         assert needle in metrics
     with pytest.raises(urllib.error.HTTPError):
         urllib.request.urlopen(f"http://{d.address}/nope", timeout=5)
+    assert urllib.request.urlopen(f"http://{d.address}/healthz", timeout=5).read() == b"ok\n"
+    assert urllib.request.urlopen(f"http://{d.address}/readyz", timeout=5).status == 200
     # cachehub status shows the daemon
     out = run_cli("status", env=dict(os.environ), check=True).stdout
     assert f"http {d.address}" in out
@@ -261,3 +263,12 @@ def test_a_missing_root_pauses_its_site(hub: Hub, tmp_path: Path, env: dict[str,
     status = d.status()
     assert [s["state"] for s in status["sites"]] == ["missing"]
     assert 'cachehub_site_up{site="nfs"} 0' in server.prometheus(status)
+    # the probes a Kubernetes Deployment uses (deploy/kubernetes): alive, but not ready
+    assert server.ROUTES["/healthz"](d)[:2] == (b"ok\n", "text/plain")
+    body, _, code = server.ROUTES["/readyz"](d)
+    assert code == 503 and b"nfs: missing" in body
+    from cachehub.store import SiteStore
+
+    root.mkdir(parents=True)
+    SiteStore(load_settings().site("nfs")).create()  # the export is back (laid out again: the test's "mount")
+    assert server.ROUTES["/readyz"](d)[2] == 200

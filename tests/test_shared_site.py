@@ -60,6 +60,10 @@ class Host:
         assert proc.poll() is None, proc.communicate()
         return proc
 
+    def start_free(self, *args: str) -> subprocess.Popen[str]:
+        """Start a command and return at once (no pause point)."""
+        return subprocess.Popen(self.argv(*args), env=self._env(None, {}), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
     def _env(self, pause: tuple[str, Path] | None, extra: dict[str, str]) -> dict[str, str]:
         env = {**self.env, **extra}
         if pause is not None:
