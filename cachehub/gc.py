@@ -176,7 +176,8 @@ def expire_range_parts(store: SiteStore, now: float) -> int:
 
     A piece file goes once its object is in ``objects/`` (its publisher died before removing
     it), or when no piece of it was written for the site's ``keep_partial`` and no shard is
-    running at the site -- the same rule as a partial cache's objects.
+    running at the site -- the same rule as a partial cache's objects. Records of finished
+    shards go once their commit is published, or by the same rule.
     """
     removed = 0
     shards_running = any(".shard-" in name for name in store.lock_names()) and bool(store.building())
@@ -185,6 +186,9 @@ def expire_range_parts(store: SiteStore, now: float) -> int:
         if os.path.exists(store.object_file(sha)) or (not shards_running and now - parts.newest() > store.site.keep_partial):
             parts.remove()
             removed += 1
+    for commit_id, directory in store.shard_records():  # which shards finished: moot once published or expired
+        if store.is_cached(commit_id) or (not shards_running and now - _mtime(directory, now) > store.site.keep_partial):
+            store.forget_shards(commit_id)
     return removed
 
 

@@ -12,11 +12,13 @@
 
 A shard runs under its own lock (``locks/<commit>.shard-K-of-N.lock``, naming the manifest, so
 a gc anywhere keeps what it fetched) and records the commit as a partial cache. When its share
-is in, it checks -- one ``stat`` per distinct object, stopping at the first missing -- whether
-the site now holds every object (large ones: every piece). The shard that finds it complete
-publishes through the ordinary cache path (``cache.cache``): the build lock makes that happen
-exactly once, large objects are verified whole and renamed into ``objects/``, and nothing is
-fetched again. A shard killed and re-run resumes: what it stored is in ``objects/`` or marked
+is in, it records that (``shards/<commit>/K-of-N``). If every shard of its N has, it publishes;
+otherwise it checks -- one ``stat`` per distinct object, stopping at the first missing --
+whether the site holds every object anyway (large ones: every piece; shards run with another N
+fill it too). Publishing goes through the ordinary cache path (``cache.cache``): the build lock
+makes it happen exactly once, its link pass is the final check (what a gc took meanwhile is
+fetched again), large objects are verified whole and renamed into ``objects/``, and nothing
+else is fetched again. A shard killed and re-run resumes: what it stored is in ``objects/`` or marked
 done. A plain ``cachehub cache NAME@REF`` afterwards publishes too, fetching only what is
 still missing.
 
@@ -174,12 +176,16 @@ def _shard(ctx: Context, ref: Ref, shard: Shard, store: SiteStore, progress: Pro
             fetched_pieces=sum(len(p.starts) for p in pieces),
             fetched_piece_bytes=got_pieces.bytes,
         )
+        store.shard_done(commit.id, shard.tag)
         pause.point("shard.after-fetch")
     finally:
         lock.release()
         listing.unlink(missing_ok=True)
     fetched = (got.objects, got.bytes + got_pieces.bytes, sum(len(p.starts) for p in pieces))
-    missing = first_missing(store, manifest)
+    # every shard of this N done: publish without a pass of its own (the build's link pass is the
+    # check, and fetches anything gone since); otherwise look, stopping at the first missing
+    every = {f"{k}-of-{shard.count}" for k in range(shard.count)} <= store.shards_done(commit.id)
+    missing = None if every else first_missing(store, manifest)
     if missing is None:
         return _publish(ctx, ref, commit, store, shard, progress, jobs, started, fetched)
     return ShardResult(
@@ -194,6 +200,7 @@ def _publish(
     """Every object is at the site: publish through the ordinary path (once, under the build lock)."""
     pause.point("shard.before-publish")
     result = cache.cache(ctx, ref.at(commit.id), site=store.name, progress=progress, jobs=jobs, given=str(ref))
+    store.forget_shards(commit.id)
     return ShardResult(
         commit.dataset, commit.id, store.name, str(shard), fetched[0], fetched[1], fetched[2],
         published=True, published_here=not result.already_cached, path=result.path, waiting_for=None,

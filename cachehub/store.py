@@ -685,6 +685,29 @@ class SiteStore:
         except (FileNotFoundError, PermissionError):
             return ""
 
+    def shard_done(self, commit_id: str, shard: str) -> None:
+        """Record that shard ``shard`` ("2-of-8") of ``commit_id`` has every object of its share here."""
+        path = self.root / "shards" / commit_id
+        self.make_dirs(path)
+        with open(path / shard, "wb"):
+            pass
+
+    def shards_done(self, commit_id: str) -> set[str]:
+        """The shards of ``commit_id`` that finished their share ("2-of-8", ...)."""
+        try:
+            return set(os.listdir(self.root / "shards" / commit_id))
+        except FileNotFoundError:
+            return set()
+
+    def shard_records(self) -> Iterator[tuple[str, Path]]:
+        """(commit id, directory) of every commit with shard records at the site."""
+        base = self.root / "shards"
+        for name in sorted(os.listdir(base)) if base.exists() else ():
+            yield name, base / name
+
+    def forget_shards(self, commit_id: str) -> None:
+        shutil.rmtree(self.root / "shards" / commit_id, ignore_errors=True)
+
     # -- large objects fetched in pieces by several processes (sharded caching) ---------------
     def range_parts(self, sha256: str, size: int) -> RangeParts:
         return RangeParts(self.root / "ranges" / sha256, sha256, size)

@@ -136,6 +136,7 @@ def test_three_hosts_cache_one_commit_together_and_publish_once(s3_hosts: list[H
     path = shards[0].run("path", "scans@v1").stdout.strip()
     assert tree_digest(Path(path)) == tree_digest(dataset)  # byte-identical
     assert not any((Path(path).parents[1] / "ranges").iterdir())  # the piece files went into objects/
+    assert not any((Path(path).parents[1] / "shards").iterdir())  # which shards finished: moot once published
     assert shards[2].run("verify", "scans@v1").returncode == 0
 
 
