@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from urllib.parse import urlparse
 
 from cachehub.errors import ConfigError
@@ -15,7 +16,9 @@ from .base import Backend
 SCHEMES = {"file": "local", "": "local", "s3": "s3"}
 
 
-def open_backend(url: str, *, endpoint_url: str | None = None, region: str | None = None) -> Backend:
+def open_backend(
+    url: str, *, endpoint_url: str | None = None, region: str | None = None, credentials: Mapping[str, str] | None = None
+) -> Backend:
     """Open the backend for a lake URL; a clear error names what to install or fix."""
     parsed = urlparse(url)
     scheme = parsed.scheme
@@ -29,7 +32,7 @@ def open_backend(url: str, *, endpoint_url: str | None = None, region: str | Non
     if kind == "s3":
         from .s3 import S3Backend
 
-        return S3Backend(url, endpoint_url=endpoint_url, region=region)
+        return S3Backend(url, endpoint_url=endpoint_url, region=region, credentials=credentials)
     raise ConfigError(f"unsupported lake URL {url!r}: use a directory path, file:///path or s3://bucket/prefix")
 
 

@@ -73,6 +73,10 @@ class Backend(abc.ABC):
         reads of small objects whose size is known); may be shorter if the object is."""
 
     @abc.abstractmethod
+    def read_range(self, key: str, start: int, end: int) -> Buffer:
+        """``aget_range`` from synchronous code (the ``cachehub://`` filesystem's reads)."""
+
+    @abc.abstractmethod
     async def aput(self, key: str, data: bytes, *, sha256: str) -> None:
         """Store ``data`` at ``key``; the store verifies ``sha256`` (hex) or rejects the write."""
 

@@ -104,6 +104,9 @@ class LocalBackend(Backend):
     async def aget_range(self, key: str, start: int, end: int) -> bytes:
         return await asyncio.to_thread(self._read_range, key, start, end)
 
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        return self._read_range(key, start, end)
+
     def _read_range(self, key: str, start: int, end: int) -> bytes:
         fd = os.open(self._path(key), os.O_RDONLY)
         try:

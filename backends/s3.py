@@ -12,7 +12,7 @@ uploads carry ``x-amz-checksum-sha256`` so the server refuses bytes that were da
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,7 @@ class S3Backend(Backend):
         region: str | None = None,
         max_retries: int | None = None,
         retry_timeout: float | None = None,
+        credentials: Mapping[str, str] | None = None,
     ) -> None:
         parsed = urlparse(url)
         if parsed.scheme != "s3" or not parsed.netloc:
@@ -74,7 +75,8 @@ class S3Backend(Backend):
             config["virtual_hosted_style_request"] = False
             if self.endpoint.startswith("http://"):
                 client["allow_http"] = True
-        credentials = _credentials()
+        # given (the filesystem's key/secret/token options) or the standard chain; never stored
+        credentials = dict(credentials) if credentials else _credentials()
         region = region or credentials.pop("region", None) or "us-east-1"
         self._store = S3Store(
             self.bucket,
@@ -165,6 +167,12 @@ class S3Backend(Backend):
         try:
             result = await obstore.get_async(self._store, key)
             return await result.bytes_async()  # obstore.Bytes: a buffer, not copied into bytes
+        except Exception as exc:
+            raise _translate(exc, key, self._where) from exc
+
+    def read_range(self, key: str, start: int, end: int) -> Buffer:
+        try:
+            return obstore.get_range(self._store, key, start=start, end=end)
         except Exception as exc:
             raise _translate(exc, key, self._where) from exc
 

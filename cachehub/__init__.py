@@ -55,20 +55,21 @@ def default_hub() -> Hub:
     return hub
 
 
-def resolve(ref: str, site: str | None = None, fetch: bool = False) -> Path:
+def resolve(ref: str, site: str | None = None, fetch: bool = False, include: Any = None, exclude: Any = None) -> Path:
     """The local, read-only path of ``ref`` (``name@tag``, ``name@<commit id>``, ``name``) at ``site``.
 
     Raises NotCachedError (a FileNotFoundError) if it is not cached and ``fetch`` is False.
+    ``include``/``exclude`` (glob patterns) name a partial cache: ``cachehub cache --include``.
     """
-    return default_hub().resolve(ref, site=site, fetch=fetch)
+    return default_hub().resolve(ref, site=site, fetch=fetch, include=include, exclude=exclude)
 
 
-def use(ref: str, site: str | None = None, fetch: bool = False, run: str | None = None) -> Any:
+def use(ref: str, site: str | None = None, fetch: bool = False, run: str | None = None, include: Any = None, exclude: Any = None) -> Any:
     """``with cachehub.use("chest-xray@v3") as path:`` -- the path, leased for the block.
 
     A leased entry is never evicted; the lease lives on the site root so every host sees it.
     """
-    return default_hub().use(ref, site=site, fetch=fetch, run=run)
+    return default_hub().use(ref, site=site, fetch=fetch, run=run, include=include, exclude=exclude)
 
 
 def __getattr__(name: str) -> object:

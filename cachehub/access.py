@@ -21,6 +21,7 @@ from .context import Context, current_run_id
 from .errors import ConfigError, LakeError, NotCachedError, RefNotFoundError
 from .policy import DEFAULT_LEASE_TIMEOUT
 from .refs import Ref
+from .select import Selection
 
 from .store import SiteStore, site_errors
 
@@ -66,33 +67,55 @@ def _from_site_refs(store: SiteStore, ref: Ref, *, why: str) -> str:
     return recorded[0]
 
 
-def resolve(ctx: Context, ref: str | Ref, *, site: str | None = None, fetch: bool = False, as_ref: str | None = None) -> Path:
+def entry_of(store: SiteStore, commit_id: str, selection: Selection) -> str:
+    """The site entry that serves ``selection`` of ``commit_id``: its partial cache if published,
+    else the whole commit (a superset) if that is, else the partial entry's id (to cache)."""
+    if not selection:
+        return commit_id
+    entry = selection.entry_id(commit_id)
+    if not store.is_cached(entry) and store.is_cached(commit_id):
+        return commit_id
+    return entry
+
+
+def resolve(
+    ctx: Context,
+    ref: str | Ref,
+    *,
+    site: str | None = None,
+    fetch: bool = False,
+    as_ref: str | None = None,
+    selection: Selection = Selection(),
+) -> Path:
     """The local, read-only path of a cached commit; with ``fetch`` cache it first.
 
     A bare resolve protects the entry for the site's ``grace`` period (default 10 min); hold a
     lease with ``use()`` for longer jobs. ``as_ref`` is the ref to record when ``ref`` was
-    already resolved to a commit id by the caller.
+    already resolved to a commit id by the caller. With a ``selection`` (include/exclude
+    patterns) the path is that partial cache's tree, or the whole commit's when that is cached.
     """
     parsed = Ref.of(ref)
     store = ctx.store(site)
     commit_id = commit_id_of(ctx, parsed, store)
+    entry = entry_of(store, commit_id, selection)
     dataset = parsed.dataset
     ctx.events.hook("pre_resolve", ref=str(ref), site=store.name, commit=commit_id)
     with site_errors(store, f"record the use of {parsed}"):
-        store.touch(commit_id)
-        is_present = present(store, commit_id)
+        store.touch(entry)
+        is_present = present(store, entry)
     if not is_present:
         if not fetch:
+            flags = "".join(f" --include '{p}'" for p in selection.include) + "".join(f" --exclude '{p}'" for p in selection.exclude)
             raise NotCachedError(
-                f"{parsed} ({commit_id[:12]}) is not cached at site {store.name}; "
-                f"run: cachehub cache {parsed} --site {store.name}",
+                f"{parsed} ({commit_id[:12]}{', ' + selection.describe() if selection else ''}) is not cached at site "
+                f"{store.name}; run: cachehub cache {parsed} --site {store.name}{flags}",
                 dataset=dataset,
                 commit=commit_id,
                 site=store.name,
             )
         from . import cache_queue  # not at the top, like cache below: only a fetch needs them
 
-        if cache_queue.daemon_info(store) is not None:
+        if cache_queue.daemon_info(store) is not None and not selection:
             # a daemon serves this site: one download for every node asking at once
             with site_errors(store, f"queue a request for {parsed}"):
                 request = cache_queue.enqueue(store, dataset=dataset, commit=commit_id, ref=parsed.ref)
@@ -102,13 +125,14 @@ def resolve(ctx: Context, ref: str | Ref, *, site: str | None = None, fetch: boo
             # every job) never needs the download engine, and importing it (asyncio) costs ~25 ms
             from .cache import cache
 
-            cache(ctx, parsed.at(commit_id), site=store.name)
+            cache(ctx, parsed.at(commit_id), site=store.name, selection=selection)
     recorded = as_ref or parsed.ref
     catalog = ctx.catalog
     with catalog.transaction():  # one commit for the run record and the audit event
         run_id = record_input(ctx, dataset, commit_id, recorded, store.name)
-        ctx.events.audit("resolve", dataset=dataset, commit=commit_id, ref=recorded, site=store.name, run=run_id)
-    path = store.commit_path(commit_id)
+        extra = {"entry": entry} if entry != commit_id else {}
+        ctx.events.audit("resolve", dataset=dataset, commit=commit_id, ref=recorded, site=store.name, run=run_id, **extra)
+    path = store.commit_path(entry)
     ctx.events.hook("post_resolve", ref=f"{dataset}@{recorded}", dataset=dataset, site=store.name, commit=commit_id, path=str(path))
     return path
 
@@ -131,21 +155,24 @@ def use(
     fetch: bool = False,
     run: str | None = None,
     timeout: float | None = None,
+    selection: Selection = Selection(),
 ) -> Iterator[Path]:
     """``with use(ctx, "ds@v3") as path:`` -- the path, leased for the block's duration.
 
     The lease lives on the site root (every host sees it), renews its heartbeat from a
-    background thread, and is released when the block ends, even on error.
+    background thread, and is released when the block ends, even on error. With a
+    ``selection``, the lease is on the entry that serves it (``entry_of``).
     """
     from .lease import Lease
 
     parsed = Ref.of(ref)
     store = ctx.store(site)
     commit_id = commit_id_of(ctx, parsed, store)
+    entry = entry_of(store, commit_id, selection)
     with site_errors(store, f"take a lease on {parsed}"):
-        held = Lease(store, commit_id, user=ctx.user, run=run, timeout=timeout or DEFAULT_LEASE_TIMEOUT)
+        held = Lease(store, entry, user=ctx.user, run=run, timeout=timeout or DEFAULT_LEASE_TIMEOUT)
     try:
-        path = resolve(ctx, parsed.at(commit_id), site=site, fetch=fetch, as_ref=parsed.ref)
+        path = resolve(ctx, parsed.at(commit_id), site=site, fetch=fetch, as_ref=parsed.ref, selection=selection)
         ctx.events.audit(
             "use", dataset=parsed.dataset, commit=commit_id, ref=parsed.ref, site=store.name, lease=held.id, run=run or current_run_id()[0]
         )

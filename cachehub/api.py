@@ -29,8 +29,12 @@ from .results import AuditEvent, GcResult, LeaseStatus, PurgeResult, RestoreResu
 from .policy import parse_duration
 from .progress import NULL, Progress
 from .refs import Ref, validate_dataset_name, validate_tag_name
+from .select import Selection
 from .sites import init
 from .store import site_errors
+
+
+Patterns = str | Iterable[str] | None  # glob patterns of a partial cache (cachehub.select)
 
 
 class Hub:
@@ -151,9 +155,22 @@ class Hub:
         """Every configured site, with the policy its root holds (this home's values if unreachable)."""
         return [self.ctx.store(s.name, check=False).site for s in sorted(self.settings.sites.values(), key=lambda s: s.name)]
 
-    def cache(self, ref: str, *, site: str | None = None, progress: Progress = NULL, jobs: int | None = None) -> CacheResult:
-        """Materialise a commit at a site, fetching only the content the site lacks."""
-        return cache.cache(self.ctx, ref, site=site, progress=progress, jobs=jobs)
+    def cache(
+        self,
+        ref: str,
+        *,
+        site: str | None = None,
+        progress: Progress = NULL,
+        jobs: int | None = None,
+        include: Patterns = None,
+        exclude: Patterns = None,
+    ) -> CacheResult:
+        """Materialise a commit at a site, fetching only the content the site lacks.
+
+        ``include``/``exclude`` (glob patterns, ``cachehub.select``) cache only those files, as a
+        partial entry of its own (``result.entry``); ``resolve`` and ``use`` take the same.
+        """
+        return cache.cache(self.ctx, ref, site=site, progress=progress, jobs=jobs, selection=Selection.of(include, exclude))
 
     def cache_shard(
         self, ref: str, part: str | shard.Shard, *, site: str | None = None, progress: Progress = NULL, jobs: int | None = None
@@ -176,23 +193,51 @@ class Hub:
         """Ask the site's daemon to cache ``ref``; returns the request file at once."""
         return access.request_cache(self.ctx, ref, site=site)
 
-    def verify(self, ref: str, *, site: str | None = None, repair: bool = False, progress: Progress = NULL) -> VerifyResult:
-        """Re-hash a cached commit against its manifest; optionally repair it from the lake."""
-        return verify.verify(self.ctx, ref, site=site, repair=repair, progress=progress)
+    def verify(
+        self,
+        ref: str,
+        *,
+        site: str | None = None,
+        repair: bool = False,
+        progress: Progress = NULL,
+        include: Patterns = None,
+        exclude: Patterns = None,
+    ) -> VerifyResult:
+        """Re-hash a cached commit (or a partial cache of it) against its manifest; optionally repair it."""
+        return verify.verify(self.ctx, ref, site=site, repair=repair, progress=progress, selection=Selection.of(include, exclude))
 
-    def resolve(self, ref: str, *, site: str | None = None, fetch: bool = False, as_ref: str | None = None) -> Path:
+    def resolve(
+        self,
+        ref: str,
+        *,
+        site: str | None = None,
+        fetch: bool = False,
+        as_ref: str | None = None,
+        include: Patterns = None,
+        exclude: Patterns = None,
+    ) -> Path:
         """The local, read-only path of a cached commit; with ``fetch`` cache it first.
 
         A full commit id is answered from the site root alone; a tag or prefix from the local
-        catalog. See ``cachehub.access.resolve``.
+        catalog. With ``include``/``exclude``, the partial cache of those files (or the whole
+        commit's tree when that is cached). See ``cachehub.access.resolve``.
         """
-        return access.resolve(self.ctx, ref, site=site, fetch=fetch, as_ref=as_ref)
+        return access.resolve(self.ctx, ref, site=site, fetch=fetch, as_ref=as_ref, selection=Selection.of(include, exclude))
 
     def use(
-        self, ref: str, *, site: str | None = None, fetch: bool = False, run: str | None = None, timeout: float | None = None
+        self,
+        ref: str,
+        *,
+        site: str | None = None,
+        fetch: bool = False,
+        run: str | None = None,
+        timeout: float | None = None,
+        include: Patterns = None,
+        exclude: Patterns = None,
     ) -> AbstractContextManager[Path]:
         """``with hub.use("ds@v3") as path:`` -- the path, leased for the block's duration."""
-        return access.use(self.ctx, ref, site=site, fetch=fetch, run=run, timeout=timeout)
+        selection = Selection.of(include, exclude)
+        return access.use(self.ctx, ref, site=site, fetch=fetch, run=run, timeout=timeout, selection=selection)
 
     def status(self, site: str | None = None) -> list[SiteStatus]:
         """Per site: cached commits, their sizes, bytes shared between them, filesystem space."""
@@ -248,9 +293,18 @@ class Hub:
         now: float | None = None,
         reason: str | None = None,
     ) -> tuple[evict.EvictionPlan, evict.EvictionResult | None]:
-        """Plan and (unless ``dry_run``) carry out an eviction; every removal is audited (``evict.run``)."""
-        only = [self.resolve_commit(r).id for r in refs] if refs else None
-        return evict.run(self.ctx, self.ctx.store(site), only=only, expired_only=expired_only, dry_run=dry_run, now=now, reason=reason)
+        """Plan and (unless ``dry_run``) carry out an eviction; every removal is audited (``evict.run``).
+
+        A ref names every entry of its commit at the site: the whole commit and its partial caches.
+        """
+        store = self.ctx.store(site)
+        only = None
+        if refs:
+            ids = {self.resolve_commit(r).id for r in refs}
+            with site_errors(store, "list the site's entries"):
+                partial = [c.commit for c in store.cached() if c.source_commit in ids and c.commit not in ids]
+            only = sorted(ids) + partial
+        return evict.run(self.ctx, store, only=only, expired_only=expired_only, dry_run=dry_run, now=now, reason=reason)
 
     def gc(self, *, site: str | None = None, dry_run: bool = False) -> GcResult:
         """Remove content objects no cached commit at the site references."""

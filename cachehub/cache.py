@@ -31,12 +31,13 @@ from pathlib import Path
 from . import download, evict, index, pause
 from .context import Context
 from .errors import IntegrityError, NoSpaceError
-from .fsutil import atomic_write, human_bytes, unique_suffix
+from .fsutil import human_bytes, unique_suffix
 from .lake import now_iso
 from .manifest import read_manifest
 from .model import CacheEntry, CacheResult, Commit, ManifestEntry
 from .progress import NULL, Progress
 from .refs import LATEST, Ref
+from .select import Selection
 from .store import BuildLock, Linker, SiteStore, make_tree_readonly, remove_tree, site_errors, sweep_dead_entries
 
 LOCK_POLL_SECONDS = 0.2
@@ -58,17 +59,25 @@ class Plan:
 
 
 def cache(
-    ctx: Context, ref: str | Ref, *, site: str | None = None, progress: Progress = NULL, jobs: int | None = None, given: str | None = None
+    ctx: Context,
+    ref: str | Ref,
+    *,
+    site: str | None = None,
+    progress: Progress = NULL,
+    jobs: int | None = None,
+    given: str | None = None,
+    selection: Selection = Selection(),
 ) -> CacheResult:
     """Materialise the commit ``ref`` names at ``site`` with the cache hooks around it.
 
-    ``given`` is the ref as the user wrote it when ``ref`` is already resolved (a shard).
+    ``given`` is the ref as the user wrote it when ``ref`` is already resolved (a shard). With a
+    ``selection`` only its files are cached, as a partial entry of their own (``select.py``).
     """
     parsed = Ref.of(ref)
     store = ctx.store(site)
     given = given or str(ref)
     ctx.events.hook("pre_cache", ref=given, site=store.name)
-    result = build(ctx, parsed, store, progress=progress, jobs=jobs, given=given)
+    result = build(ctx, parsed, store, progress=progress, jobs=jobs, given=given, selection=selection)
     ctx.events.hook(
         "post_cache", ref=given, site=store.name, commit=result.commit, path=result.path, fetched_bytes=result.fetched_bytes
     )
@@ -80,24 +89,34 @@ def cache(
 
 
 def build(
-    ctx: Context, ref: Ref, store: SiteStore, *, progress: Progress = NULL, jobs: int | None = None, given: str | None = None
+    ctx: Context,
+    ref: Ref,
+    store: SiteStore,
+    *,
+    progress: Progress = NULL,
+    jobs: int | None = None,
+    given: str | None = None,
+    selection: Selection = Selection(),
 ) -> CacheResult:
-    """Materialise the commit ``ref`` names in ``store``; fetch only what the site lacks.
+    """Materialise the commit ``ref`` names (or its ``selection``) in ``store``; fetch only what the site lacks.
 
     ``given`` is the ref as the user wrote it, for the audit trail (default: ``ref``).
     """
     with site_errors(store, f"cache {given or ref}"):
-        return _cache_at(ctx, ref, store, progress=progress, jobs=jobs, given=given)
+        return _cache_at(ctx, ref, store, progress=progress, jobs=jobs, given=given, selection=selection)
 
 
-def _cache_at(ctx: Context, ref: Ref, store: SiteStore, *, progress: Progress, jobs: int | None, given: str | None) -> CacheResult:
+def _cache_at(
+    ctx: Context, ref: Ref, store: SiteStore, *, progress: Progress, jobs: int | None, given: str | None, selection: Selection
+) -> CacheResult:
     started = time.monotonic()
     commit = index.resolve_commit(ctx, ref, refresh_first=not ref.is_full_id)
+    entry = selection.entry_id(commit.id)  # the site entry: the commit, or a partial cache of it
     store.check()
-    if store.is_cached(commit.id):
-        store.touch(commit.id)
-        _record_refs(ctx, store, ref, commit)
-        return _result(commit, store, 0, 0, commit.files, commit.bytes, started, already=True)
+    if store.is_cached(entry):
+        store.touch(entry)
+        _record_refs(ctx, store, ref, commit, selection)
+        return _already(commit, store, entry, started)
 
     manifest = ctx.manifest(commit.manifest)  # verified and validated copy on this host's disk
     tmp_dir = ctx.settings.tmp_dir
@@ -109,30 +128,31 @@ def _cache_at(ctx: Context, ref: Ref, store: SiteStore, *, progress: Progress, j
         # (any host) then keeps this build's content, linked or not yet (gc.py); the copy is
         # refreshed once the lock is held, so a gc that read the locks just before keeps it too
         store.keep_manifest(commit.manifest, manifest)
-        lock = _wait_for_lock(store, commit)
+        lock = _wait_for_lock(store, commit, entry)
         try:
             pause.point("cache.after-lock")
             store.keep_manifest(commit.manifest, manifest)
             if lock is not None:
                 store.sweep_leftovers()
-            if store.is_cached(commit.id):  # another process published it while we waited
-                store.touch(commit.id)
-                _record_refs(ctx, store, ref, commit)
-                return _result(commit, store, 0, 0, commit.files, commit.bytes, started, already=True)
-            the_plan, evicted, got = _build(ctx, store, commit, manifest, missing_list, progress, jobs or ctx.settings.jobs, lock)
+            if store.is_cached(entry):  # another process published it while we waited
+                store.touch(entry)
+                _record_refs(ctx, store, ref, commit, selection)
+                return _already(commit, store, entry, started)
+            the_plan, evicted, got = _build(ctx, store, commit, manifest, missing_list, progress, jobs or ctx.settings.jobs, lock, selection)
         finally:
             if lock is not None:
                 lock.release()
     finally:
         missing_list.unlink(missing_ok=True)
-    store.touch(commit.id)
-    _record_refs(ctx, store, ref, commit)
-    result = _result(commit, store, got.objects, got.bytes, the_plan.reused_files, the_plan.reused_bytes, started, already=False)
+    store.touch(entry)
+    _record_refs(ctx, store, ref, commit, selection)
+    result = _result(
+        commit, store, entry, got.objects, got.bytes, the_plan.reused_files, the_plan.reused_bytes, the_plan.files, the_plan.bytes, started, already=False
+    )
     result = replace(result, evicted=evicted, chunk_copied_bytes=got.chunk_copied_bytes)
+    extra = {"selection": selection.to_json(), "entry": entry} if selection else {}
     with ctx.catalog.transaction():
-        ctx.catalog.add_cache_entry(
-            CacheEntry(store.name, commit.id, commit.dataset, result.path, commit.files, commit.bytes, now_iso(), None)
-        )
+        ctx.catalog.add_cache_entry(CacheEntry(store.name, entry, commit.dataset, result.path, the_plan.files, the_plan.bytes, now_iso(), None))
         ctx.events.audit(
             "cache",
             dataset=commit.dataset,
@@ -144,6 +164,7 @@ def _cache_at(ctx: Context, ref: Ref, store: SiteStore, *, progress: Progress, j
             reused_files=the_plan.reused_files,
             reused_bytes=the_plan.reused_bytes,
             chunk_copied_bytes=got.chunk_copied_bytes,
+            **extra,
         )
     return result
 
@@ -157,13 +178,15 @@ def _build(
     progress: Progress,
     jobs: int,
     lock: BuildLock | None,
+    selection: Selection = Selection(),
 ) -> tuple[Plan, tuple[str, ...], download.Downloaded]:
     """Build the commit's tree in a private staging directory and publish it with one rename.
 
     Returns the plan, the entries admission evicted and what the download engine fetched. On
     any failure the staging tree is removed: nothing is published.
     """
-    staging = store.new_staging(commit.id)
+    entry = selection.entry_id(commit.id)
+    staging = store.new_staging(entry)
     if lock is not None:
         lock.fresh.append(staging)  # a cold fetch of a big dataset can outlast the sweep's 24 hours
     top = str(staging)
@@ -181,12 +204,12 @@ def _build(
     try:
         progress.start("link", total_files=commit.files)
         try:
-            the_plan = _link_present(store, manifest, top, linker, missing_list, unlinked, progress)
+            the_plan = _link_present(store, manifest, top, linker, missing_list, unlinked, progress, selection)
         finally:
             progress.finish()
-        evicted = _admit(ctx, store, commit, the_plan, manifest, lock.path if lock is not None else None)
+        evicted = _admit(ctx, store, commit, the_plan, manifest, lock.path if lock is not None else None, selection)
         if the_plan.missing_objects:
-            store.begin_partial(commit)  # what arrives is kept for a re-run if this stops (gc.py)
+            store.begin_partial(commit, entry=entry)  # what arrives is kept for a re-run if this stops (gc.py)
         bases = download.chunk_bases(ctx.lake, store, the_plan.large, _base_candidates(ctx, store, commit)) if the_plan.large else {}
         fetch(download.ObjectSet.from_file(missing_list, count=the_plan.missing_objects, nbytes=the_plan.missing_bytes, what=what, bases=bases), progress)
         if the_plan.reused_files < the_plan.files:
@@ -212,11 +235,11 @@ def _build(
                         "linking (a gc running at the same time?); nothing was published: re-run"
                     )
         make_tree_readonly(staging, group=store.site.group)
-        store.write_meta(commit)
+        store.write_meta(commit, selection=selection, files=the_plan.files, nbytes=the_plan.bytes)
         store.keep_manifest(commit.manifest, manifest)
         pause.point("cache.before-publish")
-        store.publish(staging, commit.id)
-        store.end_partial(commit.id)
+        store.publish(staging, entry)
+        store.end_partial(entry)
     except NoSpaceError:
         remove_tree(staging)
         raise
@@ -238,7 +261,14 @@ def _build(
 
 
 def _link_present(
-    store: SiteStore, manifest: Path, top: str, linker: Linker, missing_list: Path, unlinked: Path, progress: Progress
+    store: SiteStore,
+    manifest: Path,
+    top: str,
+    linker: Linker,
+    missing_list: Path,
+    unlinked: Path,
+    progress: Progress,
+    selection: Selection = Selection(),
 ) -> Plan:
     """Link every file whose content the site holds under ``top``; list what it lacks.
 
@@ -255,6 +285,8 @@ def _link_present(
 
     def entries() -> Iterator[ManifestEntry]:
         for entry in read_manifest(manifest, validate=False):
+            if selection and not selection.matches(entry.path):
+                continue  # a partial cache: this file is not in it
             n[0] += 1
             n[1] += entry.size
             yield entry
@@ -286,9 +318,12 @@ def _read_entries(path: Path) -> Iterator[ManifestEntry]:
             yield ManifestEntry(rel, int(size), digest)
 
 
-def _record_refs(ctx: Context, store: SiteStore, ref: Ref, commit: Commit) -> None:
+def _record_refs(ctx: Context, store: SiteStore, ref: Ref, commit: Commit, selection: Selection = Selection()) -> None:
     """Record at the site the names this commit has now (the ref asked for, its tags, and
-    ``latest`` if it is the newest): what a host without the lake resolves them to."""
+    ``latest`` if it is the newest): what a host without the lake resolves them to. Only for
+    whole commits: a site ref names a commit, and a partial cache is not one."""
+    if selection:
+        return
     names = set(commit.tags) | ({ref.ref} if not ref.could_be_commit else set())
     latest = ctx.catalog.latest(commit.dataset)
     if latest is not None and latest.id == commit.id:
@@ -296,7 +331,9 @@ def _record_refs(ctx: Context, store: SiteStore, ref: Ref, commit: Commit) -> No
     store.record_refs(commit.dataset, sorted(names), commit.id)
 
 
-def _admit(ctx: Context, store: SiteStore, commit: Commit, the_plan: Plan, manifest: Path, lock: Path | None) -> tuple[str, ...]:
+def _admit(
+    ctx: Context, store: SiteStore, commit: Commit, the_plan: Plan, manifest: Path, lock: Path | None, selection: Selection = Selection()
+) -> tuple[str, ...]:
     """Make room under the site's quota and free-space floor before downloading anything.
 
     Fails (NoSpaceError, nothing fetched) if the commit would not fit even after evicting every
@@ -305,7 +342,7 @@ def _admit(ctx: Context, store: SiteStore, commit: Commit, the_plan: Plan, manif
     site = store.site
     if site.quota is None and site.min_free <= 0:
         return ()
-    needed = {bytes.fromhex(e.sha256) for e in read_manifest(manifest, validate=False)}  # reused, so never freed
+    needed = {bytes.fromhex(e.sha256) for e in read_manifest(manifest, validate=False) if selection.matches(e.path)}  # reused: never freed
     plan = evict.plan(store, now=ctx.now(), need_bytes=the_plan.missing_bytes, keep=needed, source=ctx.manifest_source())
     if plan.shortfall > 0:
         kept = ", ".join(f"{e.dataset}@{e.commit[:12]} ({why})" for e, why in plan.kept) or "none"
@@ -346,11 +383,11 @@ def _base_candidates(ctx: Context, store: SiteStore, commit: Commit) -> list:
     return [cached[c] for c in order]
 
 
-def _wait_for_lock(store: SiteStore, commit: Commit) -> BuildLock | None:
-    """The advisory build lock, or None once another process has published the commit."""
+def _wait_for_lock(store: SiteStore, commit: Commit, entry: str) -> BuildLock | None:
+    """The advisory build lock of the entry, or None once another process has published it."""
     while True:
-        lock = store.lock(commit.id, commit.manifest)
-        if lock is not None or store.is_cached(commit.id):
+        lock = store.lock(entry, commit.manifest)
+        if lock is not None or store.is_cached(entry):
             return lock
         time.sleep(LOCK_POLL_SECONDS)  # another process is building it; wait and reuse its work
 
@@ -416,13 +453,23 @@ def _place_files(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _already(commit: Commit, store: SiteStore, entry: str, started: float) -> CacheResult:
+    """The result for an entry that was published already (by this or another process)."""
+    cached = store.cached_commit(entry)
+    files, nbytes = (cached.files, cached.bytes) if cached is not None else (commit.files, commit.bytes)
+    return _result(commit, store, entry, 0, 0, files, nbytes, files, nbytes, started, already=True)
+
+
 def _result(
     commit: Commit,
     store: SiteStore,
+    entry: str,
     fetched_files: int,
     fetched_bytes: int,
     reused_files: int,
     reused_bytes: int,
+    files: int,
+    nbytes: int,
     started: float,
     *,
     already: bool,
@@ -431,13 +478,14 @@ def _result(
         dataset=commit.dataset,
         commit=commit.id,
         site=store.name,
-        path=str(store.commit_path(commit.id)),
+        path=str(store.commit_path(entry)),
         fetched_files=fetched_files,
         fetched_bytes=fetched_bytes,
         reused_files=reused_files,
         reused_bytes=reused_bytes,
-        files=commit.files,
-        bytes=commit.bytes,
+        files=files,
+        bytes=nbytes,
         seconds=time.monotonic() - started,
         already_cached=already,
+        entry=entry,
     )

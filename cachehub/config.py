@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +72,9 @@ class Settings:
     hooks: dict[str, list[str]] = field(default_factory=dict)  # event -> shell commands
     offline: bool = False  # CACHEHUB_OFFLINE=1: the lake is never contacted
     max_staleness: float = DEFAULT_MAX_STALENESS  # seconds a tag read from the lake stays good for resolve
+    # S3 credentials given in code (the filesystem's key/secret/token options); None: the standard
+    # chain. Never written anywhere, never shown (repr=False)
+    credentials: Mapping[str, str] | None = field(default=None, repr=False, compare=False)
 
     @property
     def catalog_path(self) -> Path:

@@ -110,7 +110,7 @@ class Context:
             from cachehub.backends import open_backend
 
             s = self.settings
-            backend = open_backend(s.lake_url, endpoint_url=s.endpoint_url, region=s.region)
+            backend = open_backend(s.lake_url, endpoint_url=s.endpoint_url, region=s.region, credentials=s.credentials)
             lake = Lake(backend, manifest_cache=s.manifest_cache)
             lake.check_readable()  # refuse a lake written by a newer cachehub, once per process
             self._lake = lake

@@ -19,7 +19,6 @@ because queued requests live on the site root until served.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -317,11 +316,10 @@ class Daemon:
             for site, commit_id in todo:
                 try:
                     store = ctx.store(site)
-                    meta = store.meta_path(commit_id)
-                    if not store.is_cached(commit_id) or not meta.exists():
+                    found = verify.verify_entry(ctx, store, commit_id, repair=True)  # a commit's tree, or a partial cache's
+                    if found is None:
                         continue
-                    dataset = json.loads(meta.read_bytes())["dataset"]
-                    report = verify.verify(ctx, f"{dataset}@{commit_id}", site=site, repair=True)
+                    report, dataset = found, found.dataset
                 except (CachehubError, OSError, ValueError, KeyError) as exc:
                     self.metrics.fail(site, "repair")
                     log.warning("repair of %s at %s failed: %s", commit_id[:12], site, exc)

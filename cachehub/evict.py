@@ -243,7 +243,7 @@ def gather(
     for i, c in enumerate(cached):
         bit = 1 << i
         try:
-            entries = store.manifest_entries(c.manifest, source)
+            entries = store.entry_files(c, source)  # a partial cache: only the files it holds
         except SiteDamagedError as exc:
             log.warning("%s", exc)
             continue
@@ -317,7 +317,7 @@ def _frees(store: SiteStore, cached: CachedCommit, source: ManifestSource | None
         return cached.bytes
     total = 0
     try:
-        for entry in store.manifest_entries(cached.manifest, source):
+        for entry in store.entry_files(cached, source):
             try:
                 if os.stat(store.object_file(entry.sha256)).st_nlink <= 2:  # the object and this tree's link
                     total += entry.size

@@ -433,6 +433,9 @@ class Lake:
     async def aget_object(self, sha256: str) -> object:
         return await self.backend.aget(object_key(sha256))
 
+    def get_object_range(self, sha256: str, start: int, end: int) -> object:
+        return self.backend.read_range(object_key(sha256), start, end)
+
     async def aget_object_range(self, sha256: str, start: int, end: int) -> object:
         return await self.backend.aget_range(object_key(sha256), start, end)
 

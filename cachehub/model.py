@@ -133,6 +133,8 @@ class CacheResult:
     # of fetched_bytes, how many were copied from an older version of the same file already
     # at the site (chunk-level delta) instead of downloaded: network bytes = the difference
     chunk_copied_bytes: int = 0
+    # the site entry: the commit id, or ``<commit>-<digest>`` for a partial cache (select.py)
+    entry: str = ""
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,10 @@ class CachedCommitStatus(Fields):
     cached_at: str
     last_used: str | None  # ISO 8601, UTC
     path: str
+    # a partial cache (cache --include/--exclude): ``commit`` is then the entry's id
+    # (``<commit>-<digest>``), ``of_commit`` the commit and ``selection`` its patterns
+    of_commit: str = ""
+    selection: dict | None = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -24,7 +24,11 @@ def site_status(store: SiteStore) -> SiteStatus:
         root=str(store.root),
         link=store.site.link,
         commits=tuple(
-            CachedCommitStatus(c.dataset, c.commit, c.files, c.bytes, c.cached_at, iso(c.last_used), str(c.path)) for c in commits
+            CachedCommitStatus(
+                c.dataset, c.commit, c.files, c.bytes, c.cached_at, iso(c.last_used), str(c.path),
+                c.source_commit, c.selection.to_json() if c.selection else None,
+            )  # fmt: skip
+            for c in commits
         ),
         objects=objects,
         object_bytes=object_bytes,

@@ -55,6 +55,7 @@ from .fsutil import HOST, atomic_write, unique_suffix
 from .lake import canonical_json, now_iso
 from .manifest import read_manifest
 from .model import CacheEntry, Commit, ManifestEntry, Site
+from .select import Selection, commit_of
 
 MARKER = "cachehub-site.json"
 POLICY_FORMAT = "cachehub-site-policy"
@@ -91,6 +92,12 @@ class CachedCommit:
     cached_at: str
     path: Path
     last_used: float | None
+    selection: Selection = Selection()  # a partial cache's files (empty: the whole commit)
+
+    @property
+    def source_commit(self) -> str:
+        """The commit this entry holds (``commit`` is the entry's id: ``<commit>-<digest>`` if partial)."""
+        return commit_of(self.commit)
 
 
 class SiteStore:
@@ -280,11 +287,13 @@ class SiteStore:
     def partial_path(self, commit_id: str) -> Path:
         return self.root / "partial" / f"{commit_id}.json"
 
-    def begin_partial(self, commit: Commit) -> None:
-        """Record that a cache of ``commit`` is fetching: gc keeps what it fetched until it publishes,
-        or for the site's ``keep_partial`` after it stopped (a re-run resumes from it)."""
-        body = {"format_version": 1, "commit": commit.id, "dataset": commit.dataset, "manifest": commit.manifest, "host": HOST, "pid": os.getpid(), "started": now_iso()}
-        path = self.partial_path(commit.id)
+    def begin_partial(self, commit: Commit, *, entry: str | None = None) -> None:
+        """Record that a cache of ``commit`` (into site entry ``entry``, default the commit's own) is
+        fetching: gc keeps what it fetched until it publishes, or for the site's ``keep_partial``
+        after it stopped (a re-run resumes from it)."""
+        entry = entry or commit.id
+        body = {"format_version": 1, "commit": entry, "dataset": commit.dataset, "manifest": commit.manifest, "host": HOST, "pid": os.getpid(), "started": now_iso()}
+        path = self.partial_path(entry)
         self.make_dirs(path.parent)
         atomic_write(path, canonical_json(body), durable=False)
 
@@ -548,21 +557,34 @@ class SiteStore:
             cached_at=meta["cached_at"],
             path=path,
             last_used=self.last_used(commit_id),
+            selection=Selection.from_json(meta.get("selection")),
         )
 
-    def write_meta(self, commit: Commit) -> None:
+    def write_meta(self, commit: Commit, *, selection: Selection = Selection(), files: int | None = None, nbytes: int | None = None) -> None:
+        """Describe a published entry: the whole commit, or (``selection``) a partial cache of it."""
+        entry = selection.entry_id(commit.id)
         body = {
             "format_version": META_FORMAT_VERSION,
-            "commit": commit.id,
+            "commit": entry,
             "dataset": commit.dataset,
             "manifest": commit.manifest,
-            "files": commit.files,
-            "bytes": commit.bytes,
+            "files": commit.files if files is None else files,
+            "bytes": commit.bytes if nbytes is None else nbytes,
             "cached_at": now_iso(),
             "cached_by_host": HOST,
             "link": self.site.link,  # how the tree was made: what a removal may infer from link counts
         }
-        atomic_write(self.meta_path(commit.id), canonical_json(body))
+        if selection:
+            body["of_commit"] = commit.id
+            body["selection"] = selection.to_json()
+        atomic_write(self.meta_path(entry), canonical_json(body))
+
+    def entry_files(self, cached: CachedCommit, source: ManifestSource | None = None) -> Iterator[ManifestEntry]:
+        """The files of a published entry: its commit's manifest, less what its selection leaves out."""
+        entries = self.manifest_entries(cached.manifest, source)
+        if not cached.selection:
+            return entries
+        return (e for e in entries if cached.selection.matches(e.path))
 
     def object_bytes(self) -> tuple[int, int]:
         """(count, bytes) of distinct content objects at the site, by walking ``objects/`` (O(objects))."""

@@ -19,31 +19,54 @@ from .fsutil import sha256_file
 from .manifest import read_manifest
 from .model import Commit, ManifestEntry, VerifyResult
 from .progress import NULL, Progress
+from .select import Selection
 from .store import Linker, SiteStore, site_errors
 
 
-def verify(ctx: Context, ref: str, *, site: str | None = None, repair: bool = False, progress: Progress = NULL) -> VerifyResult:
-    """Re-hash a cached tree against its manifest; with ``repair`` re-fetch what is wrong."""
+def verify(
+    ctx: Context, ref: str, *, site: str | None = None, repair: bool = False, progress: Progress = NULL, selection: Selection = Selection()
+) -> VerifyResult:
+    """Re-hash a cached tree (the commit's, or a partial cache's) against its manifest; with
+    ``repair`` re-fetch what is wrong."""
     commit = index.resolve_commit(ctx, ref)
     store = ctx.store(site)
     with site_errors(store, f"verify {ref}"):
-        return _verify(ctx, ref, commit, store, repair=repair, progress=progress)
+        return _verify(ctx, ref, commit, store, repair=repair, progress=progress, selection=selection)
 
 
-def _verify(ctx: Context, ref: str, commit: Commit, store: SiteStore, *, repair: bool, progress: Progress) -> VerifyResult:
-    if not store.is_cached(commit.id):
+def verify_entry(ctx: Context, store: SiteStore, entry: str, *, repair: bool) -> VerifyResult | None:
+    """Verify a published site entry by its id (the daemon's repair); None if it is not there."""
+    cached = store.cached_commit(entry)
+    if cached is None:
+        return None
+    commit = index.resolve_commit(ctx, f"{cached.dataset}@{cached.source_commit}")
+    with site_errors(store, f"verify {cached.dataset}@{entry[:12]}"):
+        return _verify(ctx, f"{cached.dataset}@{cached.source_commit}", commit, store, repair=repair, progress=NULL, selection=cached.selection)
+
+
+def _verify(
+    ctx: Context, ref: str, commit: Commit, store: SiteStore, *, repair: bool, progress: Progress, selection: Selection = Selection()
+) -> VerifyResult:
+    entry_id = selection.entry_id(commit.id)
+    if not store.is_cached(entry_id):
+        flags = "".join(f" --include '{p}'" for p in selection.include) + "".join(f" --exclude '{p}'" for p in selection.exclude)
         raise NotCachedError(
-            f"{commit.dataset}@{commit.short} is not cached at site {store.name}; run: cachehub cache {ref}",
+            f"{commit.dataset}@{commit.short}{' (' + selection.describe() + ')' if selection else ''} is not cached at site "
+            f"{store.name}; run: cachehub cache {ref}{flags}",
         )
     manifest = store.manifest_path(commit.manifest)
     if not manifest.exists():
         store.keep_manifest(commit.manifest, ctx.manifest(commit.manifest))
-    top = store.commit_path(commit.id)
+    top = store.commit_path(entry_id)
     damaged: list[str] = []
     missing: list[str] = []
     bad: list[ManifestEntry] = []
     progress.start("verify", total_files=commit.files, total_bytes=commit.bytes)
+    files = 0
     for entry in read_manifest(manifest):
+        if selection and not selection.matches(entry.path):
+            continue
+        files += 1
         path = top / entry.path
         try:
             ok = os.path.getsize(path) == entry.size and sha256_file(path) == entry.sha256
@@ -69,7 +92,7 @@ def _verify(ctx: Context, ref: str, commit: Commit, store: SiteStore, *, repair:
         missing=len(missing),
         repaired=len(repaired),
     )
-    return VerifyResult(commit.dataset, commit.id, store.name, commit.files, tuple(damaged), tuple(missing), tuple(repaired))
+    return VerifyResult(commit.dataset, commit.id, store.name, files, tuple(damaged), tuple(missing), tuple(repaired))
 
 
 def _repair(ctx: Context, store: SiteStore, commit: Commit, top: Path, bad: list[ManifestEntry]) -> list[str]:

@@ -37,6 +37,8 @@ app.add_typer(audit_app, name="audit")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 SiteOpt = Annotated[Optional[str], typer.Option("--site", "-s", help="Site name (default: CACHEHUB_SITE or the configured default, 'local').")]  # noqa: UP007
+IncludeOpt = Annotated[Optional[list[str]], typer.Option("--include", help="Only files matching this glob (repeatable): a partial cache, e.g. 'train/**'.")]  # noqa: UP007
+ExcludeOpt = Annotated[Optional[list[str]], typer.Option("--exclude", help="Leave out files matching this glob (repeatable), e.g. '*.tmp'.")]  # noqa: UP007
 JobsOpt = Annotated[Optional[int], typer.Option("--jobs", "-j", help="Transfers in flight (default: CACHEHUB_JOBS or config, else 64).")]  # noqa: UP007
 
 
@@ -283,6 +285,8 @@ def cache(
         bool, typer.Option("--wait", help="Wait until the commit is cached at the site by anyone; alone, fetch nothing (for init containers).")
     ] = False,
     timeout: Annotated[str, typer.Option(help="With --wait: give up after this long (30s, 10m, 6h, 1d), exit 3.")] = "1d",
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Materialise a commit at a site, fetching only content the site lacks; print its path.
@@ -297,6 +301,8 @@ def cache(
     part = None if no_shard else Shard.parse(shard) if shard is not None else Shard.from_env()
     if part is not None and run_async:
         raise typer.BadParameter("--shard and --async do not go together: a shard fetches here, --async asks the daemon")
+    if (include or exclude) and (part is not None or run_async or wait):
+        raise typer.BadParameter("--include/--exclude make a partial cache here: not with --shard, --async or --wait (yet)")
     if part is not None and part.source != "--shard" and not json_out:
         typer.echo(f"cachehub: shard {part} (from {part.source}); --no-shard caches the whole commit", err=True)
     with _hub() as hub:
@@ -316,7 +322,7 @@ def cache(
         if part is not None:
             _cache_shard(hub, ref, part, site=site, jobs=jobs, wait=wait, limit=limit, json_out=json_out)
             return
-        r = hub.cache(ref, site=site, jobs=jobs, progress=_progress(not json_out))
+        r = hub.cache(ref, site=site, jobs=jobs, progress=_progress(not json_out), include=include, exclude=exclude)
     if json_out:
         _emit(r)
         return
@@ -370,10 +376,10 @@ def _cache_shard(hub: Hub, ref: str, part: Any, *, site: str | None, jobs: int |
 
 
 @app.command()
-def path(ref: Annotated[str, typer.Argument(help="NAME@REF")], site: SiteOpt = None) -> None:
-    """Print the local path of a cached commit (exit 3 if it is not cached)."""
+def path(ref: Annotated[str, typer.Argument(help="NAME@REF")], site: SiteOpt = None, include: IncludeOpt = None, exclude: ExcludeOpt = None) -> None:
+    """Print the local path of a cached commit, or of a partial cache with --include/--exclude (exit 3 if not cached)."""
     with _hub() as hub:
-        typer.echo(str(hub.resolve(ref, site=site)))
+        typer.echo(str(hub.resolve(ref, site=site, include=include, exclude=exclude)))
 
 
 @app.command()
@@ -401,7 +407,12 @@ def status(
         d = s.daemon
         typer.echo(f"  daemon: pid {d.pid} on {d.host}, http {d.listen or 'off'}" if d else "  daemon: not running")
         for c in s.commits:
-            typer.echo(f"  {c.dataset}@{c.commit[:12]}  {c.files} files  {_size(c.bytes)}  last used {c.last_used or '-'}")
+            part = ""
+            if c.selection:
+                from cachehub.select import Selection
+
+                part = f"  partial: {Selection.from_json(c.selection).describe()}"
+            typer.echo(f"  {c.dataset}@{c.commit[:12]}  {c.files} files  {_size(c.bytes)}  last used {c.last_used or '-'}{part}")
         for p in s.partial:
             state = "running" if p.running else f"interrupted, kept until {p.expires}: re-run cachehub cache to resume"
             typer.echo(f"  partial {p.dataset}@{p.commit[:12]} from {p.host}, started {p.started} ({state})")
@@ -430,11 +441,13 @@ def verify(
     ref: Annotated[str, typer.Argument(help="NAME@REF")],
     site: SiteOpt = None,
     repair: Annotated[bool, typer.Option("--repair", help="Re-fetch damaged or missing files from the lake.")] = False,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Re-hash a cached commit against its manifest (exit 9 if damaged and not repaired)."""
+    """Re-hash a cached commit (or a partial cache: --include/--exclude) against its manifest (exit 9 if damaged and not repaired)."""
     with _hub() as hub:
-        r = hub.verify(ref, site=site, repair=repair, progress=_progress(not json_out))
+        r = hub.verify(ref, site=site, repair=repair, progress=_progress(not json_out), include=include, exclude=exclude)
     if json_out:
         body = {**_asdict(r), "ok": r.ok}
         _emit(body)
