@@ -76,6 +76,7 @@ class S3Backend(Backend):
             if self.endpoint.startswith("http://"):
                 client["allow_http"] = True
         # given (the filesystem's key/secret/token options) or the standard chain; never stored
+        _check_fork()
         credentials = dict(credentials) if credentials else _credentials()
         region = region or credentials.pop("region", None) or "us-east-1"
         self._store = S3Store(
@@ -90,6 +91,7 @@ class S3Backend(Backend):
 
     # -- metadata ---------------------------------------------------------------------------
     def read(self, key: str) -> tuple[bytes, str]:
+        _check_fork()
         try:
             result = obstore.get(self._store, key)
             return bytes(result.bytes()), result.meta["e_tag"] or ""
@@ -171,6 +173,7 @@ class S3Backend(Backend):
             raise _translate(exc, key, self._where) from exc
 
     def read_range(self, key: str, start: int, end: int) -> Buffer:
+        _check_fork()
         try:
             return obstore.get_range(self._store, key, start=start, end=end)
         except Exception as exc:
@@ -206,6 +209,27 @@ class S3Backend(Backend):
     @property
     def _where(self) -> str:
         return self.endpoint or "AWS S3"
+
+
+_RUNTIME_PID: list[int] = []  # the process whose S3 client started obstore's (Rust, tokio) runtime
+
+
+def _check_fork() -> None:
+    """Fail at once, not hang, in a process forked from one that used S3.
+
+    obstore's runtime threads do not survive ``fork()``: a request from the child waits forever.
+    A ``multiprocessing`` pool or a PyTorch DataLoader forked after the parent read the lake
+    must start its workers with ``spawn`` or ``forkserver`` instead (docs/loaders.md).
+    """
+    pid = os.getpid()
+    if not _RUNTIME_PID:
+        _RUNTIME_PID.append(pid)
+    elif _RUNTIME_PID[0] != pid:
+        raise LakeError(
+            "this process was forked from one that had already used the S3 lake, and the S3 client "
+            "(obstore) cannot work after fork(); start worker processes with 'spawn' or 'forkserver' "
+            "(multiprocessing.get_context('spawn'), DataLoader(multiprocessing_context='spawn'))"
+        )
 
 
 def _credentials() -> dict[str, Any]:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -44,7 +45,7 @@ from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 from . import access, chunks, download
 from .context import Context
 from .config import load_settings
-from .errors import IntegrityError
+from .errors import IntegrityError, SiteMissingError
 from .lanes import run
 from .manifest import read_manifest
 from .model import Commit
@@ -52,6 +53,7 @@ from .refs import Ref
 from .select import Selection
 from .store import SiteStore
 
+log = logging.getLogger("cachehub.fs")
 SMALL = download.LARGE_OBJECT  # up to this, an object is read (and verified) whole
 
 
@@ -67,7 +69,19 @@ class _Tree:
     cached: bool = False  # that entry is published at the site (checked until it is)
 
 
-class CachehubFileSystem(AbstractFileSystem):
+ENV_KEYS = ("CACHEHUB_HOME", "CACHEHUB_CONFIG", "CACHEHUB_LAKE", "CACHEHUB_SITE", "CACHEHUB_ENDPOINT_URL", "XDG_DATA_HOME")
+
+
+class _PerEnvironment(type(AbstractFileSystem)):  # type: ignore[misc]
+    """fsspec keeps one instance per set of options; ours depend on the environment too (the
+    home, lake and site it names), so a changed ``CACHEHUB_HOME`` gets a new instance."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("environment", tuple(os.environ.get(k, "") for k in ENV_KEYS))
+        return super().__call__(*args, **kwargs)
+
+
+class CachehubFileSystem(AbstractFileSystem, metaclass=_PerEnvironment):
     """Read-only fsspec filesystem over cachehub commits; see the module docstring."""
 
     protocol = "cachehub"
@@ -89,6 +103,7 @@ class CachehubFileSystem(AbstractFileSystem):
         region: str | None = None,
         client_kwargs: dict | None = None,
         context: Context | None = None,
+        environment: tuple[str, ...] = (),  # set by the metaclass: part of fsspec's instance key
         **storage_options: Any,
     ) -> None:
         super().__init__(**storage_options)
@@ -357,8 +372,13 @@ class CachehubFileSystem(AbstractFileSystem):
         """Write-through: store a verified object at the site, for the next reader there."""
         if not self.write_through:
             return
-        store = self.store
-        if store.exists() and not os.path.exists(store.object_file(sha)):
+        try:
+            store = self.ctx.store(self.site_name)  # the embedded default site is laid out on first use
+        except SiteMissingError as exc:  # an unmounted export: reading goes on, without write-through
+            log.warning("cachehub://: write-through stopped: %s", exc)
+            self.write_through = False
+            return
+        if not os.path.exists(store.object_file(sha)):
             store.store_object(sha, data)
             store.add_usage(1, len(data))
 
@@ -396,10 +416,9 @@ class CachehubFileSystem(AbstractFileSystem):
         return bytes(data[start - lo : end - lo])
 
     def _fetch_whole_into_site(self, sha: str, size: int) -> str:
-        store = self.store
+        store = self.ctx.store(self.site_name)  # a missing site root is an error, not a place to fill
         obj = store.object_file(sha)
         if not os.path.exists(obj):
-            store.check()  # a missing site root is an error, not a place to fill
             download.download(self.ctx.lake, store, download.ObjectSet.from_pairs([(sha, size)], what=f"object {sha[:12]}"))
         return obj
 
