@@ -105,10 +105,9 @@ def resolve(
         is_present = present(store, entry)
     if not is_present:
         if not fetch:
-            flags = "".join(f" --include '{p}'" for p in selection.include) + "".join(f" --exclude '{p}'" for p in selection.exclude)
             raise NotCachedError(
                 f"{parsed} ({commit_id[:12]}{', ' + selection.describe() if selection else ''}) is not cached at site "
-                f"{store.name}; run: cachehub cache {parsed} --site {store.name}{flags}",
+                f"{store.name}; run: cachehub cache {parsed} --site {store.name}{selection.flags()}",
                 dataset=dataset,
                 commit=commit_id,
                 site=store.name,

@@ -31,14 +31,14 @@ from pathlib import Path
 from . import download, evict, index, pause
 from .context import Context
 from .errors import IntegrityError, NoSpaceError
-from .fsutil import human_bytes, unique_suffix
+from .fsutil import human_bytes
 from .lake import now_iso
 from .manifest import read_manifest
 from .model import CacheEntry, CacheResult, Commit, ManifestEntry
 from .progress import NULL, Progress
 from .refs import LATEST, Ref
 from .select import Selection
-from .store import BuildLock, Linker, SiteStore, make_tree_readonly, remove_tree, site_errors, sweep_dead_entries
+from .store import BuildLock, Linker, SiteStore, make_tree_readonly, remove_tree, site_errors
 
 LOCK_POLL_SECONDS = 0.2
 
@@ -119,10 +119,7 @@ def _cache_at(
         return _already(commit, store, entry, started)
 
     manifest = ctx.manifest(commit.manifest)  # verified and validated copy on this host's disk
-    tmp_dir = ctx.settings.tmp_dir
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    sweep_dead_entries(tmp_dir)
-    missing_list = tmp_dir / f"plan-{commit.id[:16]}.{unique_suffix()}"
+    missing_list = ctx.scratch(f"plan-{commit.id[:16]}")
     try:
         # the site's copy of the manifest first, and a lock that names it: a gc at the site
         # (any host) then keeps this build's content, linked or not yet (gc.py); the copy is

@@ -27,10 +27,10 @@ from . import hooks
 from .catalog import Catalog, current_user
 from .config import Settings, lake_identity, lake_uri, load_settings
 from .errors import ConfigError, LakeError
-from .fsutil import HOST
+from .fsutil import HOST, unique_suffix
 from .lake import Lake, now_iso
 from .model import Site
-from .store import ManifestSource, SiteStore
+from .store import ManifestSource, SiteStore, sweep_dead_entries
 
 
 _generated: dict[int, str] = {}  # pid -> run id made up for a process with none in its environment
@@ -166,6 +166,14 @@ class Context:
             else:
                 store.check()
         return store
+
+    def scratch(self, name: str) -> Path:
+        """A fresh, process-unique path under this home's ``tmp/`` (what dead processes left there
+        is swept first): plans and listings too big for memory, never on the site."""
+        tmp_dir = self.settings.tmp_dir
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        sweep_dead_entries(tmp_dir)
+        return tmp_dir / f"{name}.{unique_suffix()}"
 
     def stores(self) -> list[SiteStore]:
         """Every configured site's store, roots unchecked (a caller skips those not laid out)."""

@@ -31,6 +31,7 @@ reach the lake client; other fsspec options are accepted and passed to fsspec.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import hashlib
 import logging
@@ -46,7 +47,7 @@ from . import access, chunks, download
 from .context import Context
 from .config import load_settings
 from .errors import IntegrityError, SiteMissingError
-from .lanes import run
+from .lanes import run, run_loop
 from .manifest import read_manifest
 from .model import Commit
 from .refs import Ref
@@ -67,6 +68,7 @@ class _Tree:
     dirs: dict[str, list[str]]  # folder ("" for the top) -> the names in it
     entry: str  # the site entry that would hold it: the commit, or a partial cache of it
     cached: bool = False  # that entry is published at the site (checked until it is)
+    top: str = ""  # the entry's tree at the site, as a string (the per-file path is hot)
 
 
 ENV_KEYS = ("CACHEHUB_HOME", "CACHEHUB_CONFIG", "CACHEHUB_LAKE", "CACHEHUB_SITE", "CACHEHUB_ENDPOINT_URL", "XDG_DATA_HOME")
@@ -128,6 +130,7 @@ class CachehubFileSystem(AbstractFileSystem, metaclass=_PerEnvironment):
         self._trees: dict[str, _Tree] = {}
         self._maps: OrderedDict[str, chunks.ChunkMap | None] = OrderedDict()  # sha -> chunk map (None: it has none)
         self._lock = threading.RLock()
+        self._store: SiteStore | None = None
 
     # -- paths -------------------------------------------------------------------------------
     @classmethod
@@ -148,7 +151,9 @@ class CachehubFileSystem(AbstractFileSystem, metaclass=_PerEnvironment):
 
     @property
     def store(self) -> SiteStore:
-        return self.ctx.store(self.site_name, check=False)
+        if self._store is None:
+            self._store = self.ctx.store(self.site_name, check=False)
+        return self._store
 
     def _tree(self, ref: str) -> _Tree:
         """The commit ``ref`` names, its files, and its use recorded once for this instance."""
@@ -158,6 +163,7 @@ class CachehubFileSystem(AbstractFileSystem, metaclass=_PerEnvironment):
                 if not tree.cached:
                     tree.entry = access.entry_of(self.store, tree.commit.id, self.selection)
                     tree.cached = self.store.is_cached(tree.entry)
+                    tree.top = str(self.store.commit_path(tree.entry))
                 return tree
             ctx = self.ctx
             parsed = Ref.of(ref)
@@ -179,7 +185,7 @@ class CachehubFileSystem(AbstractFileSystem, metaclass=_PerEnvironment):
                 _add_folder(dirs, parent)
                 dirs[parent].append(name)
             entry_id = access.entry_of(store, commit.id, selection)
-            tree = _Tree(ref, commit, files, dirs, entry_id, store.is_cached(entry_id))
+            tree = _Tree(ref, commit, files, dirs, entry_id, store.is_cached(entry_id), str(store.commit_path(entry_id)))
             self._record_use(tree, parsed)
             self._trees[ref] = tree
             return tree
@@ -260,10 +266,9 @@ class CachehubFileSystem(AbstractFileSystem, metaclass=_PerEnvironment):
     # -- reading -----------------------------------------------------------------------------
     def _local(self, tree: _Tree, rel: str, sha: str) -> str | None:
         """A local file with this content: the cached tree's, or the site's object; else None."""
-        store = self.store
         if tree.cached:
-            return str(store.commit_path(tree.entry) / rel)
-        obj = store.object_file(sha)
+            return f"{tree.top}/{rel}"
+        obj = self.store.object_file(sha)
         return obj if os.path.exists(obj) else None
 
     def _open(self, path: str, mode: str = "rb", block_size: int | None = None, autocommit: bool = True, cache_options: dict | None = None, **kwargs: Any) -> Any:
@@ -293,7 +298,10 @@ class CachehubFileSystem(AbstractFileSystem, metaclass=_PerEnvironment):
 
     def cat(self, path: Any, recursive: bool = False, on_error: str = "raise", **kwargs: Any) -> Any:
         """Many files at once: local ones read here, the others fetched concurrently from the lake."""
-        paths = [self._strip_protocol(p) for p in self.expand_path(path, recursive=recursive)]
+        if isinstance(path, list) and not recursive and not any(c in p for p in path for c in "*?["):
+            paths = [self._strip_protocol(p) for p in path]  # plain paths: nothing to expand
+        else:
+            paths = [self._strip_protocol(p) for p in self.expand_path(path, recursive=recursive)]
         if len(paths) == 1 and not (isinstance(path, list) or self._strip_protocol(path) != paths[0] or recursive):
             return self.cat_file(paths[0], **kwargs)
         out: dict[str, Any] = {}
@@ -311,15 +319,16 @@ class CachehubFileSystem(AbstractFileSystem, metaclass=_PerEnvironment):
                     out[p] = exc
                 continue
             local = self._local(tree, rel, sha)
-            if local is not None and os.path.exists(local):
-                with open(local, "rb") as fh:
-                    out[p] = fh.read()
-            elif size > SMALL:
-                out[p] = self.read_range(sha, size, 0, size)
-            else:
-                remote.append((p, sha, size))
+            if local is not None:
+                try:
+                    with open(local, "rb") as fh:
+                        out[p] = fh.read()
+                    continue
+                except FileNotFoundError:
+                    tree.cached = False  # evicted meanwhile: from the lake
+            remote.append((p, sha, size))
         if remote:
-            got = self._fetch_small_many([(sha, size) for _, sha, size in remote])
+            got = self._fetch_whole_many([(sha, size) for _, sha, size in remote])
             for p, sha, _ in remote:
                 out[p] = got[sha]
         return {p: out[p] for p in paths if p in out}
@@ -345,17 +354,26 @@ class CachehubFileSystem(AbstractFileSystem, metaclass=_PerEnvironment):
         self._keep(sha, data)
         return data
 
-    def _fetch_small_many(self, items: list[tuple[str, int]]) -> dict[str, bytes]:
+    def _fetch_whole_many(self, items: list[tuple[str, int]]) -> dict[str, bytes]:
+        """Whole objects from the lake, many at once, each checked against its SHA-256."""
         lake = self.ctx.lake
         got: dict[str, bytes] = {}
 
+        limit: list[asyncio.Semaphore] = []  # made inside the event loop
+
         async def one(item: tuple[str, int]) -> None:
             sha, size = item
-            data = bytes(await lake.aget_object_range(sha, 0, size)) if size else b""
-            self._check(sha, size, data)
+            if size <= SMALL:
+                data = bytes(await lake.aget_object_range(sha, 0, size)) if size else b""
+                self._check(sha, size, data)
+            else:
+                if not limit:
+                    limit.append(asyncio.Semaphore(download.RANGES_IN_FLIGHT))
+                data = await _aget_span(lake, sha, 0, size, limit[0])
+                await asyncio.to_thread(self._check, sha, size, data)
             got[sha] = data
 
-        run(list(dict.fromkeys(items)), one, jobs=self.ctx.settings.jobs)
+        _run_sync(lambda: run(list(dict.fromkeys(items)), one, jobs=self.ctx.settings.jobs))
         for sha, data in got.items():
             self._keep(sha, data)
         return got
@@ -403,7 +421,20 @@ class CachehubFileSystem(AbstractFileSystem, metaclass=_PerEnvironment):
         last = bisect.bisect_right(offsets, end - 1) - 1
         lo = chunk_map.chunks[first][0]
         hi = chunk_map.chunks[last][0] + chunk_map.chunks[last][1]
-        data = memoryview(bytes(self.ctx.lake.get_object_range(sha, lo, hi)))
+        if hi - lo <= download.RANGE_SIZE:
+            data = memoryview(bytes(self.ctx.lake.get_object_range(sha, lo, hi)))
+        else:  # a long span: ranged GETs in parallel, as the download engine does
+            lake = self.ctx.lake
+            held: list[bytes] = []
+
+            async def fetch() -> None:
+                # the bytes are handed over in ``held``, not as the coroutine's result: Python
+                # 3.11's asyncio.run formats its main task (result included) while restoring the
+                # SIGINT handler, which costs about a second per 64 MiB
+                held.append(await _aget_span(lake, sha, lo, hi, asyncio.Semaphore(download.RANGES_IN_FLIGHT)))
+
+            _run_sync(lambda: run_loop(fetch()))
+            data = memoryview(held[0])
         if len(data) != hi - lo:
             raise IntegrityError(f"object {sha} in the lake is shorter than its chunk map says; nothing was returned. Re-push the file", sha256=sha)
         for offset, length, digest in chunk_map.chunks[first : last + 1]:
@@ -434,6 +465,35 @@ class LakeFile(AbstractBufferedFile):
 
     def _fetch_range(self, start: int, end: int) -> bytes:
         return self.fs.read_range(self.sha, self.size, start, min(end, self.size))
+
+
+async def _aget_span(lake: Any, sha: str, lo: int, hi: int, limit: asyncio.Semaphore) -> bytes:
+    """Bytes ``[lo, hi)`` of an object, fetched as RANGE_SIZE pieces in parallel (unverified)."""
+    out = bytearray(hi - lo)
+
+    async def piece(start: int) -> None:
+        end = min(start + download.RANGE_SIZE, hi)
+        async with limit:
+            data = await lake.aget_object_range(sha, start, end)
+        if len(data) != end - start:
+            raise IntegrityError(f"object {sha} in the lake is shorter than the manifest says; nothing was returned. Re-push the file", sha256=sha)
+        out[start - lo : end - lo] = data
+
+    await asyncio.gather(*(piece(start) for start in range(lo, hi, download.RANGE_SIZE)))
+    return bytes(out)
+
+
+def _run_sync(work: Any) -> Any:
+    """Run ``work`` (which starts its own event loop) here, or on a thread if this thread already
+    runs one (a notebook, an async application): an event loop cannot be started inside another."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return work()
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(work).result()
 
 
 def _add_folder(dirs: dict[str, list[str]], folder: str) -> None:

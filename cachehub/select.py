@@ -72,6 +72,10 @@ class Selection:
         """The site entry holding this selection of ``commit_id`` (the commit id itself if whole)."""
         return f"{commit_id}{ENTRY_SEP}{self.digest}" if self else commit_id
 
+    def flags(self) -> str:
+        """The command-line options that name this selection (`` --include 'train/**'``...)."""
+        return "".join(f" --include '{p}'" for p in self.include) + "".join(f" --exclude '{p}'" for p in self.exclude)
+
     def describe(self) -> str:
         parts = [f"include {', '.join(self.include)}"] if self.include else []
         parts += [f"exclude {', '.join(self.exclude)}"] if self.exclude else []

@@ -39,13 +39,12 @@ from pathlib import Path
 from . import cache, download, index, pause
 from .context import Context
 from .errors import ConfigError, ConflictError
-from .fsutil import unique_suffix
 from .manifest import read_manifest
 from .model import Commit
 from .progress import NULL, Progress
 from .refs import Ref
 from .results import ShardResult
-from .store import SiteStore, site_errors, sweep_dead_entries
+from .store import SiteStore, site_errors
 
 SHARDS_ENV = "CACHEHUB_SHARDS"  # the shard count, set in a Kubernetes Indexed Job's spec
 
@@ -149,10 +148,7 @@ def _shard(ctx: Context, ref: Ref, shard: Shard, store: SiteStore, progress: Pro
             f"shard {shard} of {what} is already running at site {store.name} ({holder}); "
             "wait for it, or stop it and re-run this shard (it resumes)"
         )
-    tmp_dir = ctx.settings.tmp_dir
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    sweep_dead_entries(tmp_dir)
-    listing = tmp_dir / f"shard-{commit.id[:16]}.{unique_suffix()}"
+    listing = ctx.scratch(f"shard-{commit.id[:16]}")
     try:
         store.keep_manifest(commit.manifest, manifest)
         store.begin_partial(commit)  # what arrives is kept for the other shards and for a re-run

@@ -7,7 +7,6 @@ once, and the object store's copy replaced.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 from pathlib import Path
@@ -49,10 +48,9 @@ def _verify(
 ) -> VerifyResult:
     entry_id = selection.entry_id(commit.id)
     if not store.is_cached(entry_id):
-        flags = "".join(f" --include '{p}'" for p in selection.include) + "".join(f" --exclude '{p}'" for p in selection.exclude)
         raise NotCachedError(
             f"{commit.dataset}@{commit.short}{' (' + selection.describe() + ')' if selection else ''} is not cached at site "
-            f"{store.name}; run: cachehub cache {ref}{flags}",
+            f"{store.name}; run: cachehub cache {ref}{selection.flags()}",
         )
     manifest = store.manifest_path(commit.manifest)
     if not manifest.exists():
@@ -100,7 +98,7 @@ def _repair(ctx: Context, store: SiteStore, commit: Commit, top: Path, bad: list
     lake = ctx.lake
     repaired = []
     for entry in bad:
-        data = bytes(asyncio.run(lake.aget_object(entry.sha256)))  # type: ignore[arg-type]
+        data = bytes(lake.get_object_range(entry.sha256, 0, entry.size)) if entry.size else b""  # type: ignore[arg-type]
         if hashlib.sha256(data).hexdigest() != entry.sha256:
             raise IntegrityError(f"the lake's copy of {entry.path} ({entry.sha256}) is damaged too; re-push it")
         path = top / entry.path

@@ -85,7 +85,8 @@ def test_uncached_reads_come_from_the_lake_verified(pushed: Hub, data: Path) -> 
     assert not pushed.status()[0].commits  # nothing cached: every byte below comes from the lake
     assert fs.cat("scans@v1/train/img007.bin") == (data / "train/img007.bin").read_bytes()
     big = (data / "shards/big.bin").read_bytes()
-    for start, end in [(0, 10), (5 * MiB - 3, 5 * MiB + 9), (len(big) - 100, len(big)), (MiB, 4 * MiB)]:
+    assert fs.cat("scans@v1/shards/big.bin") == big  # whole: parallel ranged GETs, checked against its SHA-256
+    for start, end in [(0, 10), (5 * MiB - 3, 5 * MiB + 9), (len(big) - 100, len(big)), (MiB, 4 * MiB), (MiB + 5, 19 * MiB)]:
         assert fs.cat_file("scans@v1/shards/big.bin", start, end) == big[start:end]
     got = fs.cat("scans@v1/train/*.bin")
     assert len(got) == 30 and all(v == (data / k.split("/", 1)[1]).read_bytes() for k, v in got.items())
