@@ -38,6 +38,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -55,6 +56,14 @@ from .select import Selection
 from .store import SiteStore
 
 log = logging.getLogger("cachehub.fs")
+_HASHERS: dict[int, ThreadPoolExecutor] = {}  # by pid: a forked worker makes its own
+
+
+def _hashers() -> ThreadPoolExecutor:
+    pool = _HASHERS.get(os.getpid())
+    if pool is None:
+        pool = _HASHERS[os.getpid()] = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cachehub-fs-hash")
+    return pool
 SMALL = download.LARGE_OBJECT  # up to this, an object is read (and verified) whole
 
 
@@ -369,8 +378,9 @@ class CachehubFileSystem(AbstractFileSystem, metaclass=_PerEnvironment):
             else:
                 if not limit:
                     limit.append(asyncio.Semaphore(download.RANGES_IN_FLIGHT))
-                data = await _aget_span(lake, sha, 0, size, limit[0])
-                await asyncio.to_thread(self._check, sha, size, data)
+                span = await _aget_span(lake, sha, 0, size, limit[0])
+                await asyncio.to_thread(self._check, sha, size, span)
+                data = bytes(span)
             got[sha] = data
 
         _run_sync(lambda: run(list(dict.fromkeys(items)), one, jobs=self.ctx.settings.jobs))
@@ -425,7 +435,7 @@ class CachehubFileSystem(AbstractFileSystem, metaclass=_PerEnvironment):
             data = memoryview(bytes(self.ctx.lake.get_object_range(sha, lo, hi)))
         else:  # a long span: ranged GETs in parallel, as the download engine does
             lake = self.ctx.lake
-            held: list[bytes] = []
+            held: list[bytearray] = []
 
             async def fetch() -> None:
                 # the bytes are handed over in ``held``, not as the coroutine's result: Python
@@ -437,13 +447,22 @@ class CachehubFileSystem(AbstractFileSystem, metaclass=_PerEnvironment):
             data = memoryview(held[0])
         if len(data) != hi - lo:
             raise IntegrityError(f"object {sha} in the lake is shorter than its chunk map says; nothing was returned. Re-push the file", sha256=sha)
-        for offset, length, digest in chunk_map.chunks[first : last + 1]:
+        wanted = chunk_map.chunks[first : last + 1]
+
+        def check(chunk: tuple[int, int, str]) -> None:
+            offset, length, digest = chunk
             if hashlib.sha256(data[offset - lo : offset - lo + length]).hexdigest() != digest:
                 raise IntegrityError(
                     f"object {sha} from the lake: bytes {offset}-{offset + length} do not match its chunk map; "
                     "nothing of them was returned. The lake copy is damaged: re-push the file",
                     sha256=sha,
                 )
+
+        if len(wanted) > 2:  # SHA-256 releases the GIL: the chunks of a long span are hashed on two threads
+            list(_hashers().map(check, wanted))
+        else:
+            for chunk in wanted:
+                check(chunk)
         return bytes(data[start - lo : end - lo])
 
     def _fetch_whole_into_site(self, sha: str, size: int) -> str:
@@ -467,8 +486,9 @@ class LakeFile(AbstractBufferedFile):
         return self.fs.read_range(self.sha, self.size, start, min(end, self.size))
 
 
-async def _aget_span(lake: Any, sha: str, lo: int, hi: int, limit: asyncio.Semaphore) -> bytes:
-    """Bytes ``[lo, hi)`` of an object, fetched as RANGE_SIZE pieces in parallel (unverified)."""
+async def _aget_span(lake: Any, sha: str, lo: int, hi: int, limit: asyncio.Semaphore) -> bytearray:
+    """Bytes ``[lo, hi)`` of an object, fetched as RANGE_SIZE pieces in parallel (unverified;
+    a bytearray, so that the caller copies it once, into what it returns)."""
     out = bytearray(hi - lo)
 
     async def piece(start: int) -> None:
@@ -480,7 +500,7 @@ async def _aget_span(lake: Any, sha: str, lo: int, hi: int, limit: asyncio.Semap
         out[start - lo : end - lo] = data
 
     await asyncio.gather(*(piece(start) for start in range(lo, hi, download.RANGE_SIZE)))
-    return bytes(out)
+    return out
 
 
 def _run_sync(work: Any) -> Any:
