@@ -20,6 +20,7 @@ so that a gc at the site keeps this build's content), into a private staging dir
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import time
 from collections import deque
@@ -40,6 +41,7 @@ from .refs import LATEST, Ref
 from .select import Selection
 from .store import BuildLock, Linker, SiteStore, make_tree_readonly, remove_tree, site_errors
 
+log = logging.getLogger("cachehub.cache")
 LOCK_POLL_SECONDS = 0.2
 
 
@@ -119,6 +121,7 @@ def _cache_at(
         return _already(commit, store, entry, started)
 
     manifest = ctx.manifest(commit.manifest)  # verified and validated copy on this host's disk
+    _wait_for_shards(store, commit, progress)
     missing_list = ctx.scratch(f"plan-{commit.id[:16]}")
     try:
         # the site's copy of the manifest first, and a lock that names it: a gc at the site
@@ -378,6 +381,22 @@ def _base_candidates(ctx: Context, store: SiteStore, commit: Commit) -> list:
             frontier.extend(parent.parents)
     order += sorted((c for c in cached if c not in order), key=lambda c: cached[c].cached_at, reverse=True)
     return [cached[c] for c in order]
+
+
+SHARD_POLL_SECONDS = 1.0
+
+
+def _wait_for_shards(store: SiteStore, commit: Commit, progress: Progress) -> None:
+    """While shards of this commit run at the site (``cache --shard``), wait instead of fetching
+    what they fetch: a daemon serving a queued request, or a plain cache started meanwhile,
+    then only fetches what is still missing (nothing, usually) and publishes."""
+    running = store.shards_running(commit.id)
+    if not running:
+        return
+    log.info("%s@%s: shards %s are fetching it at site %s; waiting for them", commit.dataset, commit.short, ", ".join(running), store.name)
+    pause.point("cache.waiting-for-shards")
+    while store.shards_running(commit.id) and not store.is_cached(commit.id):
+        time.sleep(SHARD_POLL_SECONDS)
 
 
 def _wait_for_lock(store: SiteStore, commit: Commit, entry: str) -> BuildLock | None:

@@ -700,6 +700,14 @@ class SiteStore:
         name = f"{commit_id}.shard-{shard}.lock" if shard else f"{commit_id}.lock"
         return BuildLock.acquire(self.locks_dir / name, manifest)
 
+    def shards_running(self, commit_id: str) -> list[str]:
+        """The shards of ``commit_id`` whose processes are alive now ("2-of-8", ...)."""
+        out = []
+        for path in self.locks_dir.glob(f"{commit_id}.shard-*.lock") if self.locks_dir.exists() else ():
+            if not lock_is_stale(path):
+                out.append(path.name[len(commit_id) + len(".shard-") : -len(".lock")])
+        return sorted(out)
+
     def shard_lock_holder(self, commit_id: str, shard: str) -> str:
         """Who holds a shard's lock ("host pid"), for an error message ("" if nobody)."""
         try:

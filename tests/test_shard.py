@@ -244,3 +244,27 @@ def test_gc_removes_pieces_nobody_will_finish(tmp_path: Path) -> None:
         os.utime(p, (old, old))
     host.run("gc")
     assert not parts.exists()
+
+
+def test_a_plain_cache_waits_for_running_shards_instead_of_fetching_their_share(s3_hosts: list[Host], dataset: Path, tmp_path: Path) -> None:
+    """The daemon serving a queued request (or anyone's plain cache) while a shard job runs."""
+    pusher, a, b, _ = s3_hosts
+    pusher.run("push", str(dataset), "scans", "--tag", "v1")
+    handshake = tmp_path / "handshake"
+    handshake.mkdir()
+    shard = a.start("cache", "scans@v1", "--shard", "0/2", "--json", pause=("shard.after-fetch", handshake))  # share in, lock held
+    (handshake / "cache.waiting-for-shards.go").touch()  # the plain cache only marks that it waits
+    plain = subprocess.Popen(
+        b.argv("cache", "scans@v1", "--json"), env=b._env(("cache.waiting-for-shards", handshake), {}),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    _wait_for((lambda: (handshake / "cache.waiting-for-shards.reached").exists() or plain.poll() is not None), "the plain cache waiting")
+    assert plain.poll() is None  # waiting for the shard, not fetching its share
+    (handshake / "shard.after-fetch.go").touch()
+    first = _shard_json(shard)
+    out, err = plain.communicate(timeout=300)
+    assert plain.returncode == 0, err
+    whole = json.loads(out)
+    assert first["fetched_files"] + whole["fetched_files"] == _expected_gets(dataset, 0) + 2  # + the two large objects, assembled
+    assert len(_audit(s3_hosts, "cache")) == 1
+    assert tree_digest(Path(whole["path"])) == tree_digest(dataset)
