@@ -26,7 +26,7 @@ from pathlib import Path
 from . import hooks
 from .catalog import Catalog, current_user
 from .config import Settings, lake_identity, lake_uri, load_settings
-from .errors import ConfigError, LakeError
+from .errors import CachehubError, ConfigError, LakeError
 from .fsutil import HOST, unique_suffix
 from .lake import Lake, now_iso
 from .model import Site
@@ -89,6 +89,9 @@ class Context:
         self.events = Events(self)
         self._lake: Lake | None = None
         self._catalog: Catalog | None = None
+        # damaged lake documents met while indexing, by (dataset, tag or commit id): what
+        # resolving exactly that name reports instead of "no such tag or commit"
+        self.lake_problems: dict[tuple[str, str], CachehubError] = {}
 
     # -- identity and clock ------------------------------------------------------------------
     def now(self) -> float:

@@ -49,14 +49,20 @@ def read_dataset(
     if not ids:
         return None, [], []
     commits, problems = [], []
+    damaged: list[CachehubError] = []
     for cid in ids:
         if known is not None and known(cid) is not None:
             continue
         try:
             commits.append(lake.read_commit(dataset, cid))
-        except (CachehubError, ValueError, KeyError) as exc:
+        except CachehubError as exc:
             problems.append(f"{dataset}/commits/{cid}: {exc}")
-    return commits, lake.tags(dataset), problems
+            ctx.lake_problems[(dataset, cid)] = exc  # what resolving that commit will report
+    tags = lake.tags(dataset, damaged)
+    for exc in damaged:
+        problems.append(str(exc))
+        ctx.lake_problems[(dataset, getattr(exc, "key", "").rsplit("/", 1)[-1].removesuffix(".json"))] = exc
+    return commits, tags, problems
 
 
 def resolve_commit(ctx: Context, ref: str | Ref, *, refresh_first: bool = False, max_age: float | None = None) -> Commit:
@@ -83,6 +89,7 @@ def resolve_commit(ctx: Context, ref: str | Ref, *, refresh_first: bool = False,
         found = _lookup(ctx, parsed)
     if found is None:
         _refuse_purged(ctx, parsed)
+        _refuse_damaged(ctx, parsed)
         tags = [t.name for t in catalog.tags(parsed.dataset)]
         hint = f"tags: {', '.join(tags[:10])}" if tags else "no tags yet"
         raise RefNotFoundError(
@@ -124,6 +131,19 @@ def _refuse_purged(ctx: Context, parsed: Ref) -> None:
             dataset=parsed.dataset,
             ref=parsed.ref,
         )
+
+
+def _refuse_damaged(ctx: Context, parsed: Ref) -> None:
+    """If ``parsed`` names a tag or commit whose document in the lake is damaged, say that (with
+    its key, exit code and fix) rather than that it does not exist."""
+    found = ctx.lake_problems.get((parsed.dataset, parsed.ref))
+    tagged = ctx.catalog.tag(parsed.dataset, parsed.ref) if found is None else None
+    if tagged is not None:  # a good tag naming a damaged commit
+        found = ctx.lake_problems.get((parsed.dataset, tagged[0]))
+    if found is None and parsed.could_be_commit:
+        found = next((e for (ds, name), e in ctx.lake_problems.items() if ds == parsed.dataset and name.startswith(parsed.ref)), None)
+    if found is not None:
+        raise found
 
 
 def _lookup(ctx: Context, parsed: Ref) -> Commit | None:

@@ -22,17 +22,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 from cachehub.backends import Backend
 
 from . import chunks
-from .errors import ConflictError, FormatError, IntegrityError, LakeError
+from .errors import CachehubError, ConflictError, FormatError, IntegrityError, LakeError
 from .fsutil import HOST, now_iso, unique_suffix
 from .model import Commit, Tag, Tombstone
 
+log = logging.getLogger("cachehub.lake")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 LAKE_FORMAT = "cachehub-lake"
 LAKE_FORMAT_VERSION = 1
 COMMIT_FORMAT = "cachehub-commit"
@@ -230,11 +235,30 @@ class Lake:
         return commit
 
     def read_commit(self, dataset: str, commit_id: str) -> Commit:
-        data, _ = self.backend.read(commit_key(dataset, commit_id))
-        commit = commit_from_bytes(data, expected_id=commit_id)
+        """A commit document, checked: its bytes hash to its id (else IntegrityError, exit 9) and
+        it is a commit of a format this cachehub reads (else FormatError, exit 12). Either error
+        names the key and the fix."""
+        key = commit_key(dataset, commit_id)
+        data, _ = self.backend.read(key)
+        fix = (
+            "restore that key from a backup of the lake, or push the directory again (a new commit); "
+            "`cachehub catalog rebuild` lists every damaged document"
+        )
+        try:
+            commit = commit_from_bytes(data, expected_id=commit_id)
+        except IntegrityError as exc:
+            raise IntegrityError(f"{exc} (key {key}); {fix}", key=key) from None
+        except FormatError as exc:
+            raise FormatError(f"{exc} (key {key}); {fix}", key=key) from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FormatError(f"commit {commit_id} (key {key}) lacks a field or has a wrong one ({exc!r}); {fix}", key=key) from None
         if commit.dataset != dataset:
-            raise IntegrityError(f"commit {commit_id} under datasets/{dataset}/ says it belongs to {commit.dataset!r}")
+            raise IntegrityError(f"commit {commit_id} under datasets/{dataset}/ says it belongs to {commit.dataset!r} (key {key}); {fix}", key=key)
         return commit
+
+    def has_commit(self, dataset: str, commit_id: str) -> bool:
+        """Is the commit document there (read by its key, no listing)?"""
+        return self.backend.exists(commit_key(dataset, commit_id))
 
     def delete_commit(self, dataset: str, commit_id: str) -> None:
         self.backend.delete(commit_key(dataset, commit_id))
@@ -244,6 +268,19 @@ class Lake:
 
     def datasets(self) -> list[str]:
         return self.backend.list_dirs("datasets")
+
+    def commit_listings(self) -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:
+        """Every (dataset, commit id) the lake lists, two ways: by folder (a delimiter listing of
+        ``datasets/``, then each dataset's ``commits/``) and from one flat listing of every key
+        under ``datasets/``. A server whose delimiter listing leaves out prefixes holding only
+        deeper keys makes them differ; nothing that deletes may then trust either."""
+        by_folder = {(ds, cid) for ds in self.datasets() for cid in self.commit_ids(ds)}
+        flat = set()
+        for key in self.backend.list("datasets/"):
+            parts = key.split("/")
+            if len(parts) == 4 and parts[0] == "datasets" and parts[2] == "commits" and parts[3].endswith(".json"):
+                flat.add((parts[1], parts[3][: -len(".json")]))
+        return by_folder, flat
 
     def _names(self, prefix: str, suffix: str = ".json") -> list[str]:
         """The names (without ``suffix``) of the documents directly under ``prefix``."""
@@ -257,18 +294,36 @@ class Lake:
     # -- tags --------------------------------------------------------------------------------
     def read_tag(self, dataset: str, tag: str) -> tuple[str, str] | None:
         """(commit id, etag) of a tag, or None."""
+        key = tag_key(dataset, tag)
         try:
-            data, etag = self.backend.read(tag_key(dataset, tag))
+            data, etag = self.backend.read(key)
         except FileNotFoundError:
             return None
-        body = json.loads(data)
-        _check_format(body, TAG_FORMAT, TAG_FORMAT_VERSION, f"tag {dataset}@{tag}")
-        return body["commit"], etag
+        fix = f"point it again with `cachehub tag {dataset}@COMMIT {tag} --force`, or delete that key"
+        try:
+            body = json.loads(data)
+            _check_format(body, TAG_FORMAT, TAG_FORMAT_VERSION, f"tag {dataset}@{tag}")
+            commit_id = body["commit"]
+            if not isinstance(commit_id, str) or not _HEX64.fullmatch(commit_id):
+                raise ValueError(f"its commit {commit_id!r} is not a commit id")
+        except FormatError as exc:
+            raise FormatError(f"{exc} (key {key}); {fix}", key=key) from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FormatError(f"tag {dataset}@{tag} in the lake is damaged ({exc}) (key {key}); {fix}", key=key) from None
+        return commit_id, etag
 
-    def tags(self, dataset: str) -> list[Tag]:
+    def tags(self, dataset: str, problems: list[CachehubError] | None = None) -> list[Tag]:
+        """Every tag of a dataset; a damaged tag document is left out and, with ``problems``,
+        reported there (one bad document never hides the rest of the lake)."""
         out = []
         for name in self._names(f"datasets/{dataset}/tags/"):
-            found = self.read_tag(dataset, name)
+            try:
+                found = self.read_tag(dataset, name)
+            except FormatError as exc:
+                log.warning("%s", exc)
+                if problems is not None:
+                    problems.append(exc)
+                continue
             if found:
                 out.append(Tag(dataset, name, found[0]))
         return out
@@ -393,10 +448,20 @@ class Lake:
                 raise LakeError(
                     f"manifest {manifest_id} is missing from the lake {self.url}; the lake is damaged", key=manifest_id
                 ) from None
-            actual = manifest_id_of_file(tmp)
+            key = manifest_key(manifest_id)
+            fix = "push the commit's directory again (a new commit), or restore that key from a backup of the lake"
+            try:
+                actual = manifest_id_of_file(tmp)
+            except (EOFError, OSError, zlib.error) as exc:  # truncated, or not gzip at all
+                raise IntegrityError(
+                    f"manifest {manifest_id} in the lake is damaged: not a complete gzip file ({exc}) (key {key}); {fix}", key=key
+                ) from None
             if actual != manifest_id:
-                raise IntegrityError(f"manifest {manifest_id} in the lake is damaged (hashes to {actual})")
-            validate_manifest_file(tmp)
+                raise IntegrityError(f"manifest {manifest_id} in the lake is damaged (hashes to {actual}) (key {key}); {fix}", key=key)
+            try:
+                validate_manifest_file(tmp, name=key)
+            except CachehubError as exc:  # its bytes are what its id says, but not a manifest we may use
+                raise type(exc)(f"the lake's {exc}: refused; {fix}", key=key) from None
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)

@@ -18,10 +18,11 @@ import hashlib
 import io
 import os
 import re
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .errors import FormatError, UnsafePathError
+from .errors import FormatError, IntegrityError, UnsafePathError
 from .model import ManifestEntry
 from .paths import validate_path
 
@@ -108,25 +109,41 @@ def _check_header(path: str | os.PathLike[str], header: str) -> None:
         )
 
 
-def read_manifest(path: str | os.PathLike[str], *, validate: bool = True) -> Iterator[ManifestEntry]:
-    """Stream the entries of a manifest file, validating format, paths and order."""
+def read_manifest(
+    path: str | os.PathLike[str], *, validate: bool = True, name: str | None = None, nesting: bool = False
+) -> Iterator[ManifestEntry]:
+    """Stream the entries of a manifest file, validating format, paths and order.
+
+    With ``nesting`` (``validate_manifest_file``: a manifest arriving from the lake), also: no
+    path may lie inside another entry's path (``d`` and ``d/x`` cannot both be files). That
+    check keeps every path in a set, about 100 bytes per file, so ordinary reads skip it.
+    """
+    shown = name or path  # what messages call it (the lake key, not a temp file)
     with gzip.open(path, "rt", encoding="utf-8", newline="\n") as fh:
-        _check_header(path, fh.readline())
+        _check_header(shown, fh.readline())
         last = ""
         lineno = 1
+        files: set[str] = set()
         for line in fh:
             lineno += 1
             parts = line.rstrip("\n").split("\t")
             if len(parts) != 3:
-                raise FormatError(f"manifest {path} line {lineno}: expected 3 tab-separated fields")
+                raise FormatError(f"manifest {shown} line {lineno}: expected 3 tab-separated fields")
             digest, size_text, rel = parts
             if validate:
                 if not _HEX64.fullmatch(digest) or not size_text.isdigit():
-                    raise FormatError(f"manifest {path} line {lineno}: bad hash or size")
+                    raise FormatError(f"manifest {shown} line {lineno}: bad hash or size")
                 validate_path(rel)
                 if rel <= last:
-                    raise FormatError(f"manifest {path} line {lineno}: paths not sorted or duplicated at {rel!r}")
+                    raise FormatError(f"manifest {shown} line {lineno}: paths not sorted or duplicated at {rel!r}")
                 last = rel
+                folder = rel.rpartition("/")[0] if nesting else ""
+                while folder:  # an earlier entry (sorted: a prefix comes first) may be this folder
+                    if folder in files:
+                        raise UnsafePathError(f"manifest {shown} line {lineno}: {rel!r} lies inside {folder!r}, which is a file")
+                    folder = folder.rpartition("/")[0]
+                if nesting:
+                    files.add(rel)
             yield ManifestEntry(rel, int(size_text), digest)
 
 
@@ -154,10 +171,20 @@ def read_line_blocks(path: str | os.PathLike[str]) -> Iterator[list[bytes]]:
             raise FormatError(f"manifest {path}: the last line has no newline (truncated?)")
 
 
-def validate_manifest_file(path: str | os.PathLike[str]) -> None:
-    """Read every line of a manifest with full validation; raise on the first bad one."""
-    for _ in read_manifest(path):
-        pass
+def validate_manifest_file(path: str | os.PathLike[str], *, name: str | None = None) -> None:
+    """Read every line of a manifest with full validation; raise on the first bad one.
+
+    Text that is not UTF-8 (a path in another encoding) is a FormatError, like any other line
+    that is not a manifest's; a truncated or non-gzip file an IntegrityError.
+    """
+    shown = name or path
+    try:
+        for _ in read_manifest(path, name=name, nesting=True):
+            pass
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"manifest {shown} is not UTF-8 text ({exc.reason}); paths must be UTF-8") from None
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise IntegrityError(f"manifest {shown} is not a complete gzip file ({exc})") from None
 
 
 def manifest_id_of_file(path: str | os.PathLike[str]) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from . import audit, evict, index, lease
 from .context import Context
-from .errors import ConfigError, ConflictError
+from .errors import CachehubError, ConfigError, ConflictError, LakeError
 from .manifest import read_manifest
 from .model import Commit, Tombstone
 from .results import PurgeResult
@@ -45,15 +45,11 @@ def erase(ctx: Context, commit: Commit, *, reason: str) -> PurgeResult:
     # content used by any other commit of any dataset stays
     shared: set[str] = set()
     same_tree = False  # the same manifest lives on in another commit: no content goes
-    for name in lake.datasets():
-        for cid in lake.commit_ids(name):
-            if cid == commit.id:
-                continue
-            other = lake.read_commit(name, cid)
-            if other.manifest == commit.manifest:
-                same_tree = True
-                continue
-            shared.update(e.sha256 for e in read_manifest(lake.manifest(other.manifest), validate=False))
+    for other in other_commits(ctx, commit):
+        if other.manifest == commit.manifest:
+            same_tree = True
+            continue
+        shared.update(e.sha256 for e in read_manifest(lake.manifest(other.manifest), validate=False))
     mine = {e.sha256: e.size for e in read_manifest(lake.manifest(commit.manifest), validate=False)}
     doomed = {} if same_tree else {sha: size for sha, size in mine.items() if sha not in shared}
     tombstone = Tombstone(commit.id, commit.dataset, reason, ctx.user, ctx.now_iso(), ctx.host)
@@ -72,6 +68,49 @@ def erase(ctx: Context, commit: Commit, *, reason: str) -> PurgeResult:
     return PurgeResult(
         commit.dataset, commit.id, len(doomed), sum(doomed.values()), len(mine) - len(doomed), tags_removed, tuple(evicted)
     )
+
+
+def other_commits(ctx: Context, commit: Commit) -> list[Commit]:
+    """Every other live commit of the lake, each read by its key, or LakeError (nothing deleted).
+
+    What a purge may delete is decided from these documents, so the list must be complete, and
+    no single listing is trusted for that: the commits listed by folder, those in a flat listing
+    of ``datasets/`` and those this home's catalog knows must agree. A commit one of them shows
+    and another misses (a server whose delimiter listings leave prefixes out; a lake changed
+    behind its back) makes the purge refuse. A commit that cannot be read (damaged) does too:
+    what it uses is unknown.
+    """
+    lake = ctx.lake
+    by_folder, flat = lake.commit_listings()
+    gone = {(t.dataset, t.commit) for ds in {d for d, _ in by_folder | flat} for t in lake.tombstones(ds)}
+    known = {(c.dataset, c.id) for ds in ctx.catalog.dataset_names() for c in ctx.catalog.log(ds)}
+    fix = (
+        "purge deletes only what it can prove no other commit uses, so it stopped before deleting anything. "
+        "Run it against a server whose listings are complete (`cachehub doctor` checks), or run `cachehub catalog rebuild` "
+        "if the lake was changed by hand"
+    )
+    if by_folder != flat:
+        differ = sorted((by_folder ^ flat))[:3]
+        raise LakeError(
+            f"the lake's listings disagree: {len(by_folder ^ flat)} commit(s) appear in one listing of datasets/ and not in "
+            f"the other (e.g. {', '.join(f'{d}@{c[:12]}' for d, c in differ)}): this server's delimiter listings are "
+            f"incomplete. {fix}"
+        )
+    unlisted = [(d, c) for d, c in sorted(known - flat - gone) if lake.has_commit(d, c)]
+    if unlisted:
+        raise LakeError(
+            f"{len(unlisted)} commit(s) exist in the lake but are missing from its listings (e.g. "
+            f"{', '.join(f'{d}@{c[:12]}' for d, c in unlisted[:3])}). {fix}"
+        )
+    out = []
+    for dataset, cid in sorted(flat - gone - {(commit.dataset, commit.id)}):
+        try:
+            out.append(lake.read_commit(dataset, cid))
+        except FileNotFoundError:
+            continue  # deleted since it was listed: it uses nothing any more
+        except CachehubError as exc:
+            raise LakeError(f"commit {dataset}@{cid[:12]} cannot be read ({exc}), so what it uses is unknown. {fix}") from exc
+    return out
 
 
 def evict_purged(ctx: Context, store: SiteStore, commit_ids: list[str]) -> list[str]:

@@ -12,18 +12,32 @@ from hypothesis import strategies as st
 
 from cachehub.diff import diff, diff_files, stat
 from cachehub.errors import FormatError, UnsafePathError
-from cachehub.manifest import manifest_id_of_file, read_manifest, write_manifest
+from cachehub.manifest import manifest_id_of_file, read_manifest, validate_manifest_file, write_manifest
 from cachehub.model import ManifestEntry
 
 path_st = st.lists(
     st.text(alphabet="abcé/_-.Z09", min_size=1, max_size=8), min_size=1, max_size=3
 ).map("/".join).filter(lambda p: all(s not in ("", ".", "..") for s in p.split("/")))
 digest_st = st.sampled_from([hashlib.sha256(bytes([i])).hexdigest() for i in range(6)])
-tree_st = st.dictionaries(path_st, st.tuples(st.integers(0, 10**12), digest_st), max_size=40)
+
+def _a_tree(paths: dict[str, object]) -> bool:
+    """A real directory tree: no file lies inside another file (``d`` and ``d/x``)."""
+    return not any(p.rpartition("/")[0] and any(p.startswith(q + "/") for q in paths) for p in paths)
+
+
+tree_st = st.dictionaries(path_st, st.tuples(st.integers(0, 10**12), digest_st), max_size=40).filter(_a_tree)
 
 
 def entries(tree: dict[str, tuple[int, str]]) -> list[ManifestEntry]:
     return [ManifestEntry(p, s, d) for p, (s, d) in sorted(tree.items(), key=lambda kv: kv[0].encode())]
+
+
+def test_a_file_inside_a_file_is_refused(tmp_path: Path) -> None:
+    d = hashlib.sha256(b"x").hexdigest()
+    path = tmp_path / "m.tsv.gz"
+    write_manifest(path, [ManifestEntry("d", 1, d), ManifestEntry("d-1", 1, d), ManifestEntry("d/x", 1, d)])
+    with pytest.raises(UnsafePathError, match="lies inside 'd', which is a file"):
+        validate_manifest_file(path)  # as a manifest from the lake is, on arrival
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=60)

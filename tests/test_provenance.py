@@ -15,7 +15,8 @@ from cachehub.api import Hub
 from cachehub.config import load_settings
 from cachehub.errors import ConflictError, RefNotFoundError
 from cachehub.hooks import HookError
-from cachehub.lake import object_key
+from cachehub.backends.local import LocalBackend
+from cachehub.lake import Lake, object_key
 from cachehub.runs import current_run_id, input_env_name
 from cachehub.store import SiteStore
 
@@ -333,3 +334,33 @@ def test_shipping_never_overwrites_the_lakes_copy(hub: Hub, tmp_path: Path) -> N
         again.catalog.audit("gc", site="local", objects=0, bytes=0)  # reuses the hidden event's number
         assert again.ship_audit() == 0  # refused, logged: the lake keeps what it had
         assert sorted(again.lake.backend.list("audit/")) == shipped
+
+
+class _PrefixGapBackend(LocalBackend):
+    """A lake on a server whose delimiter listing leaves out every prefix that holds only deeper
+    keys (``datasets/<name>/`` holds ``commits/...`` and ``tags/...``, no key of its own).
+
+    A stand-in for that server's fault: SeaweedFS and ``rclone serve s3``, the servers these
+    tests start, both list such prefixes completely, so the fault cannot be produced with them.
+    """
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        return [d for d in super().list_dirs(prefix) if any(k.count("/") == prefix.count("/") + 2 for k in self.list(f"{prefix}/{d}/"))]
+
+
+def test_purge_refuses_when_the_lake_listings_are_incomplete(tmp_path: Path, local_env: dict[str, str]) -> None:
+    from cachehub.errors import LakeError
+
+    with Hub(load_settings()) as hub:
+        shared = {"shared.bin": "still used by ds@keep"}
+        hub.push(write_tree(tmp_path / "keep", shared), "ds", tag="keep")
+        hub.push(write_tree(tmp_path / "bad", {**shared, "pii.csv": "alice"}), "other", tag="bad")
+        gap = Lake(_PrefixGapBackend(hub.settings.lake_url), manifest_cache=hub.settings.manifest_cache)
+        assert gap.datasets() == []  # what such a server answers: no dataset at all
+        hub.ctx._lake = gap  # this process talks to that server from now on
+        before = sorted(gap.backend.list(""))
+        with pytest.raises(LakeError, match="listings disagree") as refused:
+            hub.purge("other@bad", reason="erasure request #43")
+        assert "stopped before deleting anything" in str(refused.value)
+        assert sorted(gap.backend.list("")) == before  # nothing deleted, no tombstone written
+        assert gap.backend.exists(object_key(_sha(b"still used by ds@keep")))

@@ -1,0 +1,127 @@
+"""Damaged documents in the lake: one clear error naming the key and the fix, with the documented
+exit code, and never a whole command taken down for the rest of the lake (issue 15).
+
+Each case is a crafted document written through the lake's backend (bit rot, a bad tool, a
+partial upload), in a real local lake; the commands run as the CLI.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from cachehub import Hub
+from cachehub.lake import commit_key, manifest_key, tag_key
+
+from .conftest import run_cli, write_tree
+
+HEADER = b"#cachehub-manifest format_version=1\n"
+
+
+@pytest.fixture
+def lake(hub: Hub, tmp_path: Path) -> Hub:
+    hub.push(write_tree(tmp_path / "good", {"a.txt": "fine"}), "good", tag="v1")
+    return hub
+
+
+def _commit(hub: Hub, dataset: str, manifest_id: str, **extra: object) -> str:
+    body = {
+        "format": "cachehub-commit", "format_version": 1, "dataset": dataset, "manifest": manifest_id, "files": 1,
+        "bytes": 1, "parents": [], "author": "t", "host": "h", "message": "m", "created": "2026-12-02T00:00:00Z", **extra,
+    }  # fmt: skip
+    data = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    cid = hashlib.sha256(data).hexdigest()
+    hub.lake.backend.write(commit_key(dataset, cid), data)
+    hub.lake.backend.write(tag_key(dataset, "v1"), json.dumps({"format": "cachehub-tag", "format_version": 1, "commit": cid}).encode())
+    return cid
+
+
+def _manifest(hub: Hub, text: bytes, *, blob: bytes | None = None) -> str:
+    mid = hashlib.sha256(text).hexdigest()
+    hub.lake.backend.write(manifest_key(mid), gzip.compress(text) if blob is None else blob)
+    return mid
+
+
+def _cache(env: dict[str, str], ref: str) -> tuple[int, str]:
+    r = run_cli("cache", ref, env=env)
+    return r.returncode, r.stderr
+
+
+def _good_still_works(env: dict[str, str]) -> None:
+    assert run_cli("cache", "good@v1", env=env).returncode == 0
+
+
+def test_a_damaged_tag_takes_down_nothing_else(lake: Hub, env: dict[str, str], tmp_path: Path) -> None:
+    lake.push(write_tree(tmp_path / "other", {"b.txt": "x"}), "scans", tag="v1")
+    lake.lake.backend.write(tag_key("scans", "v1"), b"not json")
+    rebuilt = run_cli("catalog", "rebuild", env=env)  # reads every document of the lake
+    assert rebuilt.returncode == 0 and "datasets/scans/tags/v1.json" in rebuilt.stderr  # named, as a warning
+    listing = run_cli("datasets", env=env)
+    assert listing.returncode == 0 and "good" in listing.stdout and "scans" in listing.stdout
+    code, err = _cache(env, "scans@v1")
+    assert code == 12 and "key datasets/scans/tags/v1.json" in err and "--force" in err
+    _good_still_works(env)
+
+
+@pytest.mark.parametrize(
+    ("case", "exit_code"),
+    [("not-json", 12), ("wrong-hash", 9), ("format-2", 12), ("missing-field", 12)],
+)
+def test_a_damaged_commit_is_named_with_its_exit_code(lake: Hub, env: dict[str, str], case: str, exit_code: int) -> None:
+    mid = _manifest(lake, HEADER + b"a" * 64 + b"\t1\tx.bin\n")
+    if case == "format-2":
+        cid = _commit(lake, "bad", mid, format_version=2)
+    elif case == "missing-field":
+        cid = _commit(lake, "bad", mid)
+        data = json.dumps({"format": "cachehub-commit", "format_version": 1, "dataset": "bad"}).encode()
+        cid = hashlib.sha256(data).hexdigest()
+        lake.lake.backend.write(commit_key("bad", cid), data)
+        lake.lake.backend.write(tag_key("bad", "v1"), json.dumps({"format": "cachehub-tag", "format_version": 1, "commit": cid}).encode())
+    else:
+        cid = _commit(lake, "bad", mid)
+        damaged = b"{not json" if case == "not-json" else b'{"format": "cachehub-commit", "format_version": 1}'
+        if case == "not-json":  # named by its own hash: only the JSON is wrong
+            cid = hashlib.sha256(damaged).hexdigest()
+            lake.lake.backend.write(tag_key("bad", "v1"), json.dumps({"format": "cachehub-tag", "format_version": 1, "commit": cid}).encode())
+        lake.lake.backend.write(commit_key("bad", cid), damaged)
+    for ref in ("bad@v1", f"bad@{cid[:12]}"):
+        code, err = _cache(env, ref)
+        assert code == exit_code, err
+        assert f"key datasets/bad/commits/{cid}.json" in err and "restore that key" in err
+    assert run_cli("datasets", env=env).returncode == 0
+    _good_still_works(env)
+
+
+@pytest.mark.parametrize(
+    ("case", "exit_code", "says"),
+    [
+        ("truncated", 9, "not a complete gzip file"),
+        ("not-gzip", 9, "not a complete gzip file"),
+        ("not-utf8", 12, "not UTF-8"),
+        ("file-and-folder", 10, "lies inside 'd', which is a file"),
+    ],
+)
+def test_a_damaged_manifest_is_refused_on_arrival(
+    lake: Hub, env: dict[str, str], case: str, exit_code: int, says: str
+) -> None:
+    line = b"a" * 64 + b"\t1\t"
+    text = {
+        "truncated": HEADER + line + b"one.bin\n" + line + b"two.bin\n",
+        "not-gzip": HEADER + line + b"three.bin\n",
+        "not-utf8": HEADER + line + b"caf\xe9.bin\n",
+        "file-and-folder": HEADER + line + b"d\n" + line + b"d/x\n",
+    }[case]
+    blob = {"truncated": gzip.compress(text)[:-12], "not-gzip": text}.get(case)
+    mid = _manifest(lake, text, blob=blob)
+    _commit(lake, "bad", mid)
+    code, err = _cache(env, "bad@v1")
+    assert code == exit_code, err
+    assert says in err and manifest_key(mid) in err
+    assert ".tmp" not in err  # the lake's key is named, not a temporary file
+    site = Path(env["CACHEHUB_HOME"]) / "sites" / "local" / "commits"
+    assert not site.exists() or not [p for p in site.iterdir() if not p.name.startswith(lake.resolve_commit("good@v1").id)]
+    _good_still_works(env)
