@@ -33,6 +33,13 @@ except ImportError as exc:  # pragma: no cover
 
 def _translate(exc: Exception, key: str, endpoint: str) -> Exception:
     """Turn an obstore error into the built-in or cachehub error the core expects."""
+    if "NoSuchBucket" in str(exc):  # a 404 like a missing key's, but nothing under it can exist
+        bucket = str(exc).split("<BucketName>", 1)[-1].split("<", 1)[0] if "<BucketName>" in str(exc) else "the lake's bucket"
+        return LakeError(
+            f"bucket {bucket!r} does not exist at {endpoint}: check the lake URL (CACHEHUB_LAKE, [lake] url), "
+            "or create the bucket",
+            key=key,
+        )
     if isinstance(exc, FileNotFoundError):
         return exc
     if isinstance(exc, (PreconditionError, AlreadyExistsError)):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import pytest
 from cachehub import Hub
 from cachehub.lake import commit_key, manifest_key, tag_key
 
-from .conftest import run_cli, write_tree
+from .conftest import SeaweedServer, run_cli, write_tree
 
 HEADER = b"#cachehub-manifest format_version=1\n"
 
@@ -125,3 +126,12 @@ def test_a_damaged_manifest_is_refused_on_arrival(
     site = Path(env["CACHEHUB_HOME"]) / "sites" / "local" / "commits"
     assert not site.exists() or not [p for p in site.iterdir() if not p.name.startswith(lake.resolve_commit("good@v1").id)]
     _good_still_works(env)
+
+
+def test_a_missing_bucket_is_reported_as_missing(seaweed: SeaweedServer, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CACHEHUB_")}
+    env.update(CACHEHUB_HOME=str(tmp_path / "home"), CACHEHUB_LAKE="s3://no-such-bucket-here/lake", CACHEHUB_ENDPOINT_URL=seaweed.endpoint)
+    for args in (("datasets",), ("cache", "ds@v1")):
+        r = run_cli(*args, env=env)
+        assert r.returncode == 11, r.stderr
+        assert "bucket 'no-such-bucket-here' does not exist" in r.stderr and "access denied" not in r.stderr
