@@ -849,6 +849,15 @@ def machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / _TICK
 
 
+def print_table(what: str, setup: str, header: str, align: str, rows: list[str], markdown: Path | None) -> None:
+    """Print a titled markdown table (what, date, machine, setup), and write it to ``markdown``."""
+    title = f"{what}, {dt.date.today().isoformat()}, {platform.node()}: {os.cpu_count()} cores, {platform.platform()}; {setup}"
+    text = "\n".join([title, "", header, align, *rows])
+    print(text)
+    if markdown:
+        markdown.write_text(text + "\n")
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 

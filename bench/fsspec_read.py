@@ -25,11 +25,9 @@ compared with the source (outside the timed part). Prints one table.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
 import hashlib
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -148,24 +146,19 @@ def main() -> None:
     finally:
         server.stop()
 
-    lines = [
-        f"Reading through cachehub://, {dt.date.today().isoformat()}, {platform.node()}: {os.cpu_count()} cores, "
-        f"{platform.platform()}; SeaweedFS on 127.0.0.1; scale {args.scale}",
-        "",
-        "| set | commit | how | files | MB | setup s | cachehub:// s | MB/s | CPU s | reference | ref s | ref MB/s | ref CPU s | throughput vs reference |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
-    ]
+    lines = []
     for name, state, how, files, nbytes, setup, wall, cpu, refname, ref_wall, ref_cpu in rows:
         mb = nbytes / 1e6
         lines.append(
             f"| {name} | {state} | {how} | {files:,} | {mb:.0f} | {setup:.3f} | {wall:.2f} | {mb / wall:.0f} | {cpu:.2f} | {refname} | "
             f"{ref_wall:.2f} | {mb / ref_wall:.0f} | {ref_cpu:.2f} | {ref_wall / wall:.2f}x |"
         )
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(text + "\n")
-
+    B.print_table(
+        "Reading through cachehub://", f"SeaweedFS on 127.0.0.1; scale {args.scale}",
+        "| set | commit | how | files | MB | setup s | cachehub:// s | MB/s | CPU s | reference | ref s | ref MB/s | ref CPU s | throughput vs reference |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+        lines, args.markdown,
+    )  # fmt: skip
 
 if __name__ == "__main__":
     main()

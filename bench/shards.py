@@ -24,10 +24,8 @@ per GB (what each host of a real cluster spends) and that N shards do no more wo
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import hashlib
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -129,24 +127,19 @@ def main() -> None:
     finally:
         server.stop()
 
-    lines = [
-        f"Sharded caching, {dt.date.today().isoformat()}, {platform.node()}: {os.cpu_count()} cores, "
-        f"{platform.platform()}; SeaweedFS on 127.0.0.1; scale {args.scale}; jobs {args.jobs}",
-        "",
-        "| set | run | files | GB | wall s | speed-up | client CPU s | CPU s per GB | S3 GETs | server CPU s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    lines = []
     for r in rows:
         one = next(x for x in rows if x["set"] == r["set"] and x["n"] == 1)
         lines.append(
             f"| {r['set']} | {r['run']} | {r['files']:,} | {r['bytes'] / GB:.2f} | {r['wall']:.2f} | {one['wall'] / r['wall']:.2f}x | "
             f"{r['cpu']:.2f} | {r['cpu'] / (r['bytes'] / GB):.1f} | {r['gets']:,} | {r['server_cpu']:.2f} |"
         )
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(text + "\n")
-
+    B.print_table(
+        "Sharded caching", f"SeaweedFS on 127.0.0.1; scale {args.scale}; jobs {args.jobs}",
+        "| set | run | files | GB | wall s | speed-up | client CPU s | CPU s per GB | S3 GETs | server CPU s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        lines, args.markdown,
+    )  # fmt: skip
 
 if __name__ == "__main__":
     main()
