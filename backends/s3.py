@@ -52,6 +52,16 @@ def _translate(exc: Exception, key: str, endpoint: str) -> Exception:
         return LakeError(
             f"access denied to {key} at {endpoint}: check the AWS credentials (env, profile or role)", key=key
         )
+    if "error sending request" in text or "timed out" in text.lower() or "connection refused" in text.lower():
+        deadlines = (
+            f"each request may take {os.environ.get('CACHEHUB_S3_REQUEST_TIMEOUT', '20')} s "
+            f"(CACHEHUB_S3_REQUEST_TIMEOUT) and is retried for {os.environ.get('CACHEHUB_S3_RETRY_TIMEOUT', '30')} s "
+            "(CACHEHUB_S3_RETRY_TIMEOUT)"
+        )
+        return LakeError(
+            f"the lake at {endpoint} did not answer for {key} ({deadlines}): is the server up and reachable? ({first[:200]})",
+            key=key,
+        )
     return LakeError(f"lake request for {key} failed at {endpoint}: {first[:300]}", key=key)
 
 
@@ -73,10 +83,17 @@ class S3Backend(Backend):
         self.bucket = parsed.netloc
         self.prefix = parsed.path.strip("/")
         self.endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        retries = max_retries if max_retries is not None else int(os.environ.get("CACHEHUB_S3_RETRIES", "5"))
-        timeout = retry_timeout if retry_timeout is not None else float(os.environ.get("CACHEHUB_S3_RETRY_TIMEOUT", "60"))
+        # the deadlines (docs/configuration.md): a request gives up after REQUEST_TIMEOUT (a frozen
+        # server), and a failing request is retried, with backoff, until RETRY_TIMEOUT after its
+        # first try (a refused port too); the retry count only caps that
+        retries = max_retries if max_retries is not None else int(os.environ.get("CACHEHUB_S3_RETRIES", "100"))
+        timeout = retry_timeout if retry_timeout is not None else float(os.environ.get("CACHEHUB_S3_RETRY_TIMEOUT", "30"))
+        request_timeout = float(os.environ.get("CACHEHUB_S3_REQUEST_TIMEOUT", "20"))
         config: dict[str, Any] = {"checksum_algorithm": "SHA256"}
-        client: dict[str, Any] = {"connect_timeout": timedelta(seconds=5), "timeout": timedelta(seconds=300)}
+        client: dict[str, Any] = {
+            "connect_timeout": timedelta(seconds=min(5.0, request_timeout)),
+            "timeout": timedelta(seconds=request_timeout),
+        }
         if self.endpoint:
             config["endpoint"] = self.endpoint
             config["virtual_hosted_style_request"] = False

@@ -11,6 +11,9 @@ import gzip
 import hashlib
 import json
 import os
+import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -135,3 +138,52 @@ def test_a_missing_bucket_is_reported_as_missing(seaweed: SeaweedServer, tmp_pat
         r = run_cli(*args, env=env)
         assert r.returncode == 11, r.stderr
         assert "bucket 'no-such-bucket-here' does not exist" in r.stderr and "access denied" not in r.stderr
+
+
+@pytest.fixture
+def s3_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CACHEHUB_")}
+    env.update(CACHEHUB_HOME=str(tmp_path / "home"), CACHEHUB_LAKE="s3://lake/prefix", CACHEHUB_S3_REQUEST_TIMEOUT="1", CACHEHUB_S3_RETRY_TIMEOUT="2")
+    return env
+
+
+def _timed(env: dict[str, str]) -> tuple[int, str, float]:
+    started = time.monotonic()
+    r = run_cli("cache", "ds@v1", env=env)
+    return r.returncode, r.stderr, time.monotonic() - started
+
+
+def test_a_refused_port_is_retried_until_the_deadline(s3_env: dict[str, str]) -> None:
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code, err, took = _timed({**s3_env, "CACHEHUB_ENDPOINT_URL": f"http://127.0.0.1:{port}"})
+    assert code == 11 and "did not answer" in err and "CACHEHUB_S3_RETRY_TIMEOUT" in err
+    assert took >= 1.5  # retried for the deadline (2 s), not given up after the first tries
+    assert took < 30  # and then stopped
+
+
+def test_a_frozen_server_ends_at_the_request_deadline(s3_env: dict[str, str]) -> None:
+    """A server that accepts connections and never answers (a real socket on loopback)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        code, err, took = _timed({**s3_env, "CACHEHUB_ENDPOINT_URL": f"http://127.0.0.1:{server.getsockname()[1]}"})
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()
+    assert code == 11 and "did not answer" in err and "CACHEHUB_S3_REQUEST_TIMEOUT" in err
+    assert took < 30  # 1 s per request, retried for 2 s: not the 300 s of before
+    assert held  # it did reach the server
