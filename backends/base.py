@@ -80,6 +80,11 @@ class Backend(abc.ABC):
     async def aput(self, key: str, data: bytes, *, sha256: str) -> None:
         """Store ``data`` at ``key``; the store verifies ``sha256`` (hex) or rejects the write."""
 
+    async def areplace(self, key: str, data: bytes, *, sha256: str) -> None:
+        """Store ``data`` at ``key`` over whatever is there (``push --repair`` of a damaged copy);
+        the bytes are checked against ``sha256`` like ``aput``."""
+        await self.aput(key, data, sha256=sha256)
+
     async def aput_if_absent(self, key: str, data: Buffer, *, sha256: str) -> bool:
         """``aput`` unless ``key`` exists; True if this call stored it.
 

@@ -120,6 +120,16 @@ class LocalBackend(Backend):
     async def aput_if_absent(self, key: str, data: bytes, *, sha256: str) -> bool:
         return await asyncio.to_thread(self._put_verified, key, data, sha256)
 
+    async def areplace(self, key: str, data: bytes, *, sha256: str) -> None:
+        await asyncio.to_thread(self._replace_verified, key, data, sha256)
+
+    def _replace_verified(self, key: str, data: bytes, sha256: str) -> None:
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise IntegrityError(f"refusing to store {key}: bytes do not match sha256 {sha256}", key=key)
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, data, mode=0o444)  # a rename over the damaged copy
+
     def _put_verified(self, key: str, data: bytes, sha256: str) -> bool:
         if hashlib.sha256(data).hexdigest() != sha256:
             raise IntegrityError(f"refusing to store {key}: bytes do not match sha256 {sha256}", key=key)

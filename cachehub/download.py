@@ -128,7 +128,7 @@ def download(lake: Lake, store: SiteStore, objects: ObjectSet, *, progress: Prog
         except FileNotFoundError:
             raise IntegrityError(
                 f"object {sha} of {objects.what} is missing from the lake; the lake is damaged "
-                "(re-push the dataset from its source)",
+                "(put it back with: cachehub push DIR NAME --repair, from the source directory)",
                 sha256=sha,
             ) from None
         counts[0] += 1
@@ -163,7 +163,7 @@ def _verify_and_store(store: SiteStore, sha: str, size: int, data: bytes) -> Non
 def _damaged(sha: str, got: int) -> IntegrityError:
     return IntegrityError(
         f"object {sha} from the lake does not match its SHA-256 (got {got} bytes); it was not stored. "
-        "The lake copy is damaged: re-push the file, then re-run",
+        "The lake copy is damaged: put it back with cachehub push DIR NAME --repair (from the source directory), then re-run",
         sha256=sha,
     )
 

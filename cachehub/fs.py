@@ -392,7 +392,7 @@ class CachehubFileSystem(AbstractFileSystem, metaclass=_PerEnvironment):
         if len(data) != size or hashlib.sha256(data).hexdigest() != sha:
             raise IntegrityError(
                 f"object {sha} from the lake does not match its SHA-256 (got {len(data)} of {size} bytes); "
-                "nothing of it was returned. The lake copy is damaged: re-push the file",
+                "nothing of it was returned. The lake copy is damaged: cachehub push DIR NAME --repair puts it back",
                 sha256=sha,
             )
 
@@ -454,7 +454,7 @@ class CachehubFileSystem(AbstractFileSystem, metaclass=_PerEnvironment):
             if hashlib.sha256(data[offset - lo : offset - lo + length]).hexdigest() != digest:
                 raise IntegrityError(
                     f"object {sha} from the lake: bytes {offset}-{offset + length} do not match its chunk map; "
-                    "nothing of them was returned. The lake copy is damaged: re-push the file",
+                    "nothing of them was returned. The lake copy is damaged: cachehub push DIR NAME --repair puts it back",
                     sha256=sha,
                 )
 

@@ -507,6 +507,10 @@ class Lake:
     async def aput_object(self, sha256: str, data: object) -> None:
         await self.backend.aput(object_key(sha256), data, sha256=sha256)  # type: ignore[arg-type]
 
+    async def areplace_object(self, sha256: str, data: bytes) -> None:
+        """Put verified bytes over a missing or damaged lake copy (``push --repair``)."""
+        await self.backend.areplace(object_key(sha256), data, sha256=sha256)
+
     async def aput_object_if_absent(self, sha256: str, data: object) -> bool:
         return await self.backend.aput_if_absent(object_key(sha256), data, sha256=sha256)  # type: ignore[arg-type]
 

@@ -81,6 +81,7 @@ class PushResult:
     tag: str | None
     seconds: float
     hashed_files: int = 0  # files read and hashed (the rest were unchanged since last seen)
+    repaired_files: int = 0  # push --repair: lake copies that were missing or damaged, uploaded again
 
 
 @dataclass(frozen=True)

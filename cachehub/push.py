@@ -91,8 +91,14 @@ def publish(
     progress: Progress = NULL,
     jobs: int | None = None,
     run: str | None = None,
+    repair: bool = False,
 ) -> PushResult:
-    """Publish ``directory`` as a new commit of ``dataset``; upload only what the lake lacks."""
+    """Publish ``directory`` as a new commit of ``dataset``; upload only what the lake lacks.
+
+    With ``repair`` every object of the directory is read back from the lake and checked
+    against its SHA-256; a missing or damaged one is uploaded again (``repaired_files``). The
+    fix for "object … of … is missing from the lake" or "does not match its SHA-256".
+    """
     started = time.monotonic()
     validate_dataset_name(dataset)
     if tag is not None:
@@ -120,16 +126,26 @@ def publish(
     try:
         hashes = HashCache(catalog)
         manifest_id, files, nbytes, candidates = _hash_and_list(
-            lake, directory, parent_commit, manifest_tmp, todo_tmp, progress, hashes
-        )
+            lake, directory, None if repair else parent_commit, manifest_tmp, todo_tmp, progress, hashes
+        )  # repair: every object is checked, not only those the parent lacks
         hashes.save()
-        if parent_commit is not None and manifest_id == parent_commit.manifest and not inputs:
+        unchanged = parent_commit is not None and manifest_id == parent_commit.manifest and not inputs
+        if unchanged and not repair:
             if tag is not None:
                 tags.tag(ctx, parent_commit, tag, force=force)
             return PushResult(
                 dataset, parent_commit.id, False, files, nbytes, 0, 0, files, nbytes, tag, time.monotonic() - started, hashes.misses
             )
-        uploaded_files, uploaded_bytes = _upload(lake, todo_tmp, candidates, progress, jobs)
+        uploaded_files, uploaded_bytes, repaired = _upload(lake, todo_tmp, candidates, progress, jobs, repair=repair)
+        if repaired:
+            ctx.events.audit("push-repair", dataset=dataset, objects=repaired, lake=lake.url)
+        if unchanged:
+            if tag is not None:
+                tags.tag(ctx, parent_commit, tag, force=force)
+            return PushResult(
+                dataset, parent_commit.id, False, files, nbytes, uploaded_files, uploaded_bytes, files - uploaded_files,
+                nbytes - uploaded_bytes, tag, time.monotonic() - started, hashes.misses, repaired,
+            )  # fmt: skip
         lake.put_manifest(manifest_id, manifest_tmp)
     finally:
         manifest_tmp.unlink(missing_ok=True)
@@ -171,6 +187,7 @@ def publish(
         tag=tag,
         seconds=time.monotonic() - started,
         hashed_files=hashes.misses,
+        repaired_files=repaired,
     )
 
 
@@ -217,9 +234,16 @@ def _hash_and_list(
     return writer.close(), writer.files, writer.bytes, candidates
 
 
-def _upload(lake: Lake, todo_path: os.PathLike[str], candidates: int, progress: Progress, jobs: int) -> tuple[int, int]:
+def _upload(
+    lake: Lake, todo_path: os.PathLike[str], candidates: int, progress: Progress, jobs: int, *, repair: bool = False
+) -> tuple[int, int, int]:
+    """Upload the listed contents the lake lacks; return (files, bytes, repaired).
+
+    With ``repair``, the lake's copy of each is read back and checked first, and a missing or
+    damaged one is uploaded again, over it (counted in ``repaired`` and in files and bytes).
+    """
     recent: dict[str, None] = {}  # contents handled lately (bounded: duplicates cluster)
-    counts = [0, 0]
+    counts = [0, 0, 0]
 
     def items() -> Iterator[tuple[str, int, int, str]]:
         with open(todo_path, encoding="utf-8") as fh:
@@ -237,8 +261,34 @@ def _upload(lake: Lake, todo_path: os.PathLike[str], candidates: int, progress: 
 
     big: list[asyncio.Semaphore] = []  # made inside the event loop, on first use
 
+    async def repaired(sha: str, size: int, mtime: int, path: str) -> bool:
+        """Check the lake's copy; put the file's bytes over it if it is missing or damaged."""
+        try:
+            got = await lake.aget_object(sha)
+            good = len(got) == size and await asyncio.to_thread(lambda: hashlib.sha256(got).hexdigest()) == sha  # type: ignore[arg-type]
+        except FileNotFoundError:
+            good = False
+        if good:
+            return False
+        data = await asyncio.to_thread(_read_checked, path, sha, size, mtime)
+        await lake.areplace_object(sha, data)
+        if size > chunks.CHUNKED_MIN and not await lake.ahas_chunk_map(sha):
+            await lake.aput_chunk_map(sha, await asyncio.to_thread(chunks.compute, data))
+        return True
+
     async def one(item: tuple[str, int, int, str]) -> None:
         sha, size, mtime, path = item
+        if repair:
+            if not big:
+                big.append(asyncio.Semaphore(BIG_FILES_IN_FLIGHT))
+            async with big[0]:  # whole objects in memory: bound how many at once
+                fixed = await repaired(sha, size, mtime, path)
+            if fixed:
+                counts[0] += 1
+                counts[1] += size
+                counts[2] += 1
+            progress.advance(1, size if fixed else 0)
+            return
         if size <= SMALL_FILE:
             # candidates are mostly new (unchanged paths were dropped against the parent):
             # one create-only PUT, not a HEAD and then a PUT
@@ -271,12 +321,12 @@ def _upload(lake: Lake, todo_path: os.PathLike[str], candidates: int, progress: 
         counts[1] += size
         progress.advance(1, size)
 
-    progress.start("upload", total_files=candidates)
+    progress.start("repair" if repair else "upload", total_files=candidates)
     try:
         run(items(), one, jobs=jobs)
     finally:
         progress.finish()
-    return counts[0], counts[1]
+    return counts[0], counts[1], counts[2]
 
 
 def _read_checked(path: str, sha: str, size: int, mtime_ns: int) -> bytes:

@@ -100,7 +100,7 @@ def _repair(ctx: Context, store: SiteStore, commit: Commit, top: Path, bad: list
     for entry in bad:
         data = bytes(lake.get_object_range(entry.sha256, 0, entry.size)) if entry.size else b""  # type: ignore[arg-type]
         if hashlib.sha256(data).hexdigest() != entry.sha256:
-            raise IntegrityError(f"the lake's copy of {entry.path} ({entry.sha256}) is damaged too; re-push it")
+            raise IntegrityError(f"the lake's copy of {entry.path} ({entry.sha256}) is damaged too; put it back with cachehub push DIR NAME --repair")
         path = top / entry.path
         obj = store.object_path(entry.sha256)
         parent = path.parent

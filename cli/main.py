@@ -118,6 +118,7 @@ def push(
     derived_from: Annotated[Optional[list[str]], typer.Option("--derived-from", help="Input dataset@ref this was made from (repeatable).")] = None,  # noqa: UP007
     transform: Annotated[Optional[str], typer.Option(help="What made it, e.g. resize.py@<git sha>.")] = None,  # noqa: UP007
     force: Annotated[bool, typer.Option("--force", help="Move --tag if it exists.")] = False,
+    repair: Annotated[bool, typer.Option("--repair", help="Read back every object from the lake; upload again those missing or damaged.")] = False,
     jobs: JobsOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -134,10 +135,13 @@ def push(
             force=force,
             jobs=jobs,
             progress=_progress(not json_out),
+            repair=repair,
         )
     if json_out:
         _emit(result)
         return
+    if repair:
+        typer.echo(f"checked every object of {dataset} in the lake: {result.repaired_files} missing or damaged, uploaded again", err=True)
     if not result.created:
         typer.echo(f"{dataset}: nothing changed since {result.commit[:12]}; no commit created, nothing uploaded")  # type: ignore[index]
         if result.tag:

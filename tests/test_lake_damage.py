@@ -187,3 +187,20 @@ def test_a_frozen_server_ends_at_the_request_deadline(s3_env: dict[str, str]) ->
     assert code == 11 and "did not answer" in err and "CACHEHUB_S3_REQUEST_TIMEOUT" in err
     assert took < 30  # 1 s per request, retried for 2 s: not the 300 s of before
     assert held  # it did reach the server
+
+
+def test_push_repair_puts_back_damaged_and_missing_objects(hub: Hub, tmp_path: Path, env: dict[str, str]) -> None:
+    src = write_tree(tmp_path / "src", {"a.txt": "alpha", "b.txt": "bravo", "c.txt": "charlie"})
+    hub.push(src, "ds", tag="v1")
+    sha = {p: hashlib.sha256((src / p).read_bytes()).hexdigest() for p in ("a.txt", "b.txt")}
+    hub.lake.backend.write(f"objects/sha256/{sha['a.txt'][:2]}/{sha['a.txt']}", b"bit rot")
+    hub.lake.backend.delete(f"objects/sha256/{sha['b.txt'][:2]}/{sha['b.txt']}")
+    broken = run_cli("cache", "ds@v1", env=env)
+    assert broken.returncode == 9 and "--repair" in broken.stderr
+    plain = run_cli("push", str(src), "ds", env=env, check=True)  # what the old advice did: nothing
+    assert "nothing changed" in plain.stdout
+    fixed = run_cli("push", str(src), "ds", "--repair", env=env, check=True)
+    assert "2 missing or damaged, uploaded again" in fixed.stderr
+    assert run_cli("cache", "ds@v1", env=env).returncode == 0
+    again = run_cli("push", str(src), "ds", "--repair", "--json", env=env, check=True)
+    assert json.loads(again.stdout)["repaired_files"] == 0  # all good now: nothing uploaded
