@@ -33,7 +33,7 @@ except ImportError as exc:  # pragma: no cover
 
 def _translate(exc: Exception, key: str, endpoint: str) -> Exception:
     """Turn an obstore error into the built-in or cachehub error the core expects."""
-    if "NoSuchBucket" in str(exc):  # a 404 like a missing key's, but nothing under it can exist
+    if "<Code>NoSuchBucket</Code>" in str(exc):  # a 404 like a missing key's, but nothing under it can exist
         bucket = str(exc).split("<BucketName>", 1)[-1].split("<", 1)[0] if "<BucketName>" in str(exc) else "the lake's bucket"
         return LakeError(
             f"bucket {bucket!r} does not exist at {endpoint}: check the lake URL (CACHEHUB_LAKE, [lake] url), "
@@ -135,6 +135,7 @@ class S3Backend(Backend):
         return result["e_tag"] or ""
 
     def exists(self, key: str) -> bool:
+        _check_fork()
         try:
             obstore.head(self._store, key)
             return True
@@ -144,6 +145,7 @@ class S3Backend(Backend):
             raise _translate(exc, key, self._where) from exc
 
     def list(self, prefix: str) -> Iterator[str]:
+        _check_fork()
         try:
             for batch in obstore.list(self._store, prefix=prefix.rstrip("/") + "/" if prefix else None):
                 for meta in batch:
@@ -167,6 +169,7 @@ class S3Backend(Backend):
             raise _translate(exc, key, self._where) from exc
 
     def download(self, key: str, dest: Path) -> None:
+        _check_fork()
         tmp = dest.with_name(f".{dest.name}.{unique_suffix()}.tmp")
         try:
             result = obstore.get(self._store, key)
@@ -190,6 +193,7 @@ class S3Backend(Backend):
             raise _translate(exc, key, self._where) from exc
 
     async def aget(self, key: str) -> Buffer:
+        _check_fork()
         try:
             result = await obstore.get_async(self._store, key)
             return await result.bytes_async()  # obstore.Bytes: a buffer, not copied into bytes
@@ -204,6 +208,7 @@ class S3Backend(Backend):
             raise _translate(exc, key, self._where) from exc
 
     async def aget_range(self, key: str, start: int, end: int) -> Buffer:
+        _check_fork()
         try:
             return await obstore.get_range_async(self._store, key, start=start, end=end)
         except Exception as exc:

@@ -235,7 +235,7 @@ class Daemon:
         purged = [t.commit for t in ctx.catalog.tombstones()]
         for store in self.stores():
             if any(store.is_cached(cid) for cid in purged):
-                removed = purge.evict_purged(ctx, store, [cid for cid in purged if store.is_cached(cid)])
+                removed = purge.evict_purged(ctx, store, [cid for cid in purged if store.entries_of(cid)])
                 for cid in removed:
                     log.info("evicted %s at %s: purged from the lake", cid[:12], store.name)
                 with self.metrics.lock:

@@ -320,8 +320,16 @@ async def _fetch_pieces(lake: Lake, store: SiteStore, items: list, limit: asynci
             data = await lake.aget_object_range(p.sha256, start, end)
         if len(data) != end - start:
             raise _damaged(p.sha256, start + len(data))
-        await asyncio.to_thread(_write_piece, fd, data, start)
-        parts.mark_done(start)
+        work = asyncio.ensure_future(asyncio.to_thread(_write_piece, fd, data, start))
+        try:
+            await asyncio.shield(work)
+        except asyncio.CancelledError:
+            await asyncio.wait([work])  # the thread uses fd: let it finish before fd is closed
+            raise
+        try:
+            parts.mark_done(start)
+        except FileNotFoundError:
+            return  # another process finished this object meanwhile: it is in objects/, verified
         got(end - start)
         pause.point("download.piece-done")
 
@@ -349,8 +357,12 @@ async def _finish_parts(lake: Lake, store: SiteStore, parts: RangeParts, limit: 
     if digest != parts.sha256:
         parts.remove()
         return False
-    os.chmod(parts.data, 0o444)
-    store.publish_object(str(parts.data), parts.sha256)
+    try:
+        os.chmod(parts.data, 0o444)
+        store.publish_object(str(parts.data), parts.sha256)
+    except FileNotFoundError:  # another finisher published it first
+        if not os.path.exists(store.object_file(parts.sha256)):
+            raise
     parts.remove()
     return True
 

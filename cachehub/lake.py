@@ -312,6 +312,10 @@ class Lake:
             raise FormatError(f"tag {dataset}@{tag} in the lake is damaged ({exc}) (key {key}); {fix}", key=key) from None
         return commit_id, etag
 
+    def tag_etag(self, dataset: str, tag: str) -> str:
+        """The etag of a tag document, whatever it holds (to replace a damaged one by CAS)."""
+        return self.backend.read(tag_key(dataset, tag))[1]
+
     def tags(self, dataset: str, problems: list[CachehubError] | None = None) -> list[Tag]:
         """Every tag of a dataset; a damaged tag document is left out and, with ``problems``,
         reported there (one bad document never hides the rest of the lake)."""

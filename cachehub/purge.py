@@ -37,7 +37,7 @@ def erase(ctx: Context, commit: Commit, *, reason: str) -> PurgeResult:
     """Erase a commit's unshared content from the lake and every configured site."""
     stores = ctx.stores()
     for store in stores:
-        held = lease.live_leases(store, commit.id) if store.exists() else []
+        held = [x for e in store.entries_of(commit.id) for x in lease.live_leases(store, e)] if store.exists() else []
         if held:
             who = ", ".join(f"{x.user}@{x.host} pid {x.pid}" for x in held)
             raise ConflictError(f"{commit.dataset}@{commit.short} is leased at site {store.name} by {who}; purge when they finish")
@@ -64,7 +64,7 @@ def erase(ctx: Context, commit: Commit, *, reason: str) -> PurgeResult:
     if not same_tree:
         lake.delete_manifest(commit.manifest)
     lake.delete_commit(commit.dataset, commit.id)
-    evicted = [store.name for store in stores if store.exists() and store.is_cached(commit.id) and evict_purged(ctx, store, [commit.id])]
+    evicted = [store.name for store in stores if store.exists() and store.entries_of(commit.id) and evict_purged(ctx, store, [commit.id])]
     return PurgeResult(
         commit.dataset, commit.id, len(doomed), sum(doomed.values()), len(mine) - len(doomed), tags_removed, tuple(evicted)
     )
@@ -116,7 +116,8 @@ def other_commits(ctx: Context, commit: Commit) -> list[Commit]:
 def evict_purged(ctx: Context, store: SiteStore, commit_ids: list[str]) -> list[str]:
     """Remove purged commits from a site through the eviction path; return those that were there."""
     now = ctx.now()
-    plans = [evict.plan_purge(store, cid, now=now) for cid in commit_ids]
+    entries = [e for cid in commit_ids for e in store.entries_of(cid)]  # whole trees and partial caches
+    plans = [evict.plan_purge(store, e, now=now) for e in entries]
     evictions = tuple(e for p in plans for e in p.evict)
     plan = evict.EvictionPlan(evictions, (), sum(e.entry.bytes for e in evictions), 0, None, 0, now)
     with site_errors(store, "remove a purged commit"):

@@ -124,7 +124,9 @@ def _compile(pattern: str) -> re.Pattern[str]:
                 out.append(re.escape(c))
             else:
                 body = pattern[i + 1 : end]
-                out.append("[" + ("^" + re.escape(body[1:]) if body.startswith("!") else re.escape(body)) + "]")
+                negate = body.startswith("!")
+                members = (body[1:] if negate else body).replace("\\", "\\\\").replace("^", "\\^")  # ranges (a-z) kept
+                out.append("[" + ("^" if negate else "") + members + "]")
                 i = end + 1
                 continue
         else:

@@ -148,8 +148,9 @@ def _shard(ctx: Context, ref: Ref, shard: Shard, store: SiteStore, progress: Pro
             f"shard {shard} of {what} is already running at site {store.name} ({holder}); "
             "wait for it, or stop it and re-run this shard (it resumes)"
         )
-    listing = ctx.scratch(f"shard-{commit.id[:16]}")
+    listing: Path | None = None
     try:
+        listing = ctx.scratch(f"shard-{commit.id[:16]}")
         store.keep_manifest(commit.manifest, manifest)
         store.begin_partial(commit)  # what arrives is kept for the other shards and for a re-run
         count, nbytes, pieces = _plan(store, manifest, shard, listing)
@@ -176,7 +177,8 @@ def _shard(ctx: Context, ref: Ref, shard: Shard, store: SiteStore, progress: Pro
         pause.point("shard.after-fetch")
     finally:
         lock.release()
-        listing.unlink(missing_ok=True)
+        if listing is not None:
+            listing.unlink(missing_ok=True)
     fetched = (got.objects, got.bytes + got_pieces.bytes, sum(len(p.starts) for p in pieces))
     # every shard of this N done: publish without a pass of its own (the build's link pass is the
     # check, and fetches anything gone since); otherwise look, stopping at the first missing

@@ -349,6 +349,10 @@ class SiteStore:
         except FileNotFoundError:
             return set()
 
+    def entries_of(self, commit_id: str) -> list[str]:
+        """The published entries holding ``commit_id``: its whole tree and its partial caches."""
+        return sorted(name for name in self.published() if name == commit_id or name.startswith(commit_id + "-"))
+
     def published(self) -> set[str]:
         """The commit ids whose trees are published now (names under ``commits/``)."""
         try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .context import Context
-from .errors import ConflictError
+from .errors import ConflictError, FormatError
 from .model import Commit, Tag
 from .refs import validate_tag_name
 
@@ -16,7 +16,12 @@ def tag(ctx: Context, commit: Commit, name: str, *, force: bool = False) -> Tag:
     """
     validate_tag_name(name)
     lake = ctx.lake
-    current = lake.read_tag(commit.dataset, name)
+    try:
+        current = lake.read_tag(commit.dataset, name)
+    except FormatError:
+        if not force:
+            raise
+        current = ("", lake.tag_etag(commit.dataset, name))  # damaged: replaced, by CAS on what is there
     result = Tag(commit.dataset, name, commit.id)
     if current is not None and current[0] == commit.id:
         ctx.catalog.set_tag(result, current[1])

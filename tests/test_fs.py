@@ -282,3 +282,16 @@ def test_one_instance_per_environment(pushed: Hub, tmp_path: Path, monkeypatch: 
     assert fsspec.filesystem("cachehub") is first  # fsspec's instance cache, as for s3fs
     monkeypatch.setenv("CACHEHUB_HOME", str(tmp_path / "another-home"))
     assert fsspec.filesystem("cachehub") is not first  # another home, lake or site: another instance
+
+
+def test_character_classes_keep_their_ranges() -> None:
+    s = Selection.of("shard-[0-3].bin")
+    assert s.matches("shard-2.bin") and not s.matches("shard--.bin") and not s.matches("shard-5.bin")
+    assert Selection.of("x[!ab].txt").matches("xc.txt") and not Selection.of("x[!ab].txt").matches("xa.txt")
+
+
+def test_purge_removes_the_partial_caches_of_the_commit(pushed: Hub) -> None:
+    part = pushed.cache("scans@v1", include="val/**")
+    result = pushed.purge("scans@v1", reason="erasure request #44")
+    assert result.sites_evicted == ("local",)
+    assert not Path(part.path).exists() and not pushed.status()[0].commits
