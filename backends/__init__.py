@@ -1,7 +1,12 @@
 """Storage backends for the lake, chosen by URL scheme.
 
 ``/path`` or ``file:///path`` -> LocalBackend (the embedded default);
-``s3://bucket/prefix``       -> S3Backend (obstore data path, AWS credential chain).
+``s3://bucket/prefix``       -> S3Backend (obstore, the AWS credential chain);
+``az://container/prefix``    -> AzureBackend (obstore, the Azure credential chain);
+``gs://bucket/prefix``       -> GCSBackend (obstore, the Google credential chain).
+
+The three object stores share one implementation (``objstore.py``) and the same guarantees;
+``cachehub doctor`` checks that a server really gives them (docs/lake-format.md).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from cachehub.errors import ConfigError
 
 from .base import Backend
 
-SCHEMES = {"file": "local", "": "local", "s3": "s3"}
+SCHEMES = {"file": "local", "": "local", "s3": "s3", "az": "azure", "azure": "azure", "abfs": "azure", "gs": "gcs", "gcs": "gcs"}
 
 
 def open_backend(
@@ -33,7 +38,23 @@ def open_backend(
         from .s3 import S3Backend
 
         return S3Backend(url, endpoint_url=endpoint_url, region=region, credentials=credentials)
-    raise ConfigError(f"unsupported lake URL {url!r}: use a directory path, file:///path or s3://bucket/prefix")
+    if kind in ("azure", "gcs") and credentials:
+        raise ConfigError(
+            f"key/secret/token are S3 credentials; a {kind.upper() if kind == 'gcs' else 'Azure'} lake ({url}) takes "
+            "its credentials from its own standard environment (docs/configuration.md)"
+        )
+    if kind == "azure":
+        from .azure import AzureBackend
+
+        return AzureBackend(url, endpoint_url=endpoint_url, credentials=credentials)
+    if kind == "gcs":
+        from .gcs import GCSBackend
+
+        return GCSBackend(url, endpoint_url=endpoint_url, credentials=credentials)
+    raise ConfigError(
+        f"unsupported lake URL {url!r}: use a directory path, file:///path, s3://BUCKET/PREFIX, "
+        "az://CONTAINER/PREFIX or gs://BUCKET/PREFIX"
+    )
 
 
 __all__ = ["Backend", "open_backend"]

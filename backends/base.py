@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 # What the data path returns: ``bytes`` or any object with the buffer protocol (obstore's
@@ -95,6 +96,26 @@ class Backend(abc.ABC):
             return False
         await self.aput(key, data, sha256=sha256)
         return True
+
+    # -- what cachehub doctor checks and records (docs/lake-format.md) -------------------------
+    def uploads_verified(self) -> bool:
+        """Does the store itself check each ``aput``'s bytes against their checksum? When it
+        does not (Azure, GCS, an S3 server doctor found accepting wrong checksums), push reads
+        each upload back and hashes it."""
+        return False
+
+    def modified(self, key: str) -> datetime:
+        """When ``key`` was last written, by the server's clock (doctor's clock-skew check)."""
+        raise NotImplementedError
+
+    def probe_bad_checksum(self, key: str) -> bool | None:
+        """Upload to ``key`` with a checksum that does not match the body: True if the server
+        refused it, False if it stored it, None if this backend's uploads carry no checksum."""
+        return None
+
+    def apply_server_facts(self, facts: dict) -> None:  # noqa: B027 - optional hook
+        """Take what doctor recorded about the server (the lake marker's ``server.facts``) and
+        degrade where a guarantee is missing; backends with nothing to degrade ignore it."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections (optional)."""

@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 from cachehub.errors import ConflictError, IntegrityError, LakeError, UnsafePathError
@@ -64,6 +65,12 @@ class LocalBackend(Backend):
 
     def exists(self, key: str) -> bool:
         return self._path(key).exists()
+
+    def uploads_verified(self) -> bool:
+        return True  # aput hashes the bytes it writes
+
+    def modified(self, key: str) -> datetime:
+        return datetime.fromtimestamp(self._path(key).stat().st_mtime, tz=timezone.utc)
 
     def list(self, prefix: str) -> Iterator[str]:
         base = self._path(prefix.rstrip("/")) if prefix else self.root

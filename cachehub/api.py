@@ -25,7 +25,7 @@ from .lake import Lake
 from .lease import pin, unpin
 from .manifest import read_manifest
 from .model import CacheResult, Commit, DatasetInfo, DiffEntry, ManifestEntry, PushResult, Site, Tag, VerifyResult
-from .results import AuditEvent, GcResult, LeaseStatus, PurgeResult, RestoreResult, ShardResult, SiteStatus, Subscription
+from .results import AuditEvent, DoctorReport, GcResult, LeaseStatus, PurgeResult, RestoreResult, ShardResult, SiteStatus, Subscription
 from .policy import parse_duration
 from .progress import NULL, Progress
 from .refs import Ref, validate_dataset_name, validate_tag_name
@@ -371,6 +371,13 @@ class Hub:
     def restore(self, ref: str, directory: str | os.PathLike[str], *, jobs: int | None = None) -> RestoreResult:
         """A writable working copy of a commit in ``directory``; history is never changed."""
         return restore.restore(self.ctx, ref, Path(directory), jobs=jobs)
+
+    def doctor(self, *, record: bool = True) -> DoctorReport:
+        """Check what the lake's server guarantees (conditional writes, ranges, listings,
+        checksums, clock) and record it in the lake marker; see ``cachehub.doctor``."""
+        from .doctor import doctor
+
+        return doctor(self.ctx, record=record)
 
     def purge(self, ref: str, *, reason: str) -> PurgeResult:
         """Erase a commit (right to erasure): unshared content in the lake and at every site."""

@@ -89,6 +89,13 @@ class LakeError(CachehubError, OSError):
     exit_code = 11
 
 
+class ServerGapError(LakeError):
+    """The lake's server lacks a guarantee this operation needs (``cachehub doctor`` found it):
+    tag compare-and-swap on a server that ignores conditional writes."""
+
+    exit_code = 20
+
+
 class FormatError(CachehubError):
     """An on-disk or in-lake document has an unknown format or format_version."""
 

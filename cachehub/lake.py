@@ -3,7 +3,8 @@
 This module is the one owner of every key in the lake and of every document type stored there.
 No other module spells a key or reads a document's bytes::
 
-    cachehub-lake.json                           {"format": "cachehub-lake", "format_version": 1}
+    cachehub-lake.json                           {"format": "cachehub-lake", "format_version": 1,
+                                                  "server": what `cachehub doctor` found (optional)}
     objects/sha256/<aa>/<sha256>                 file content, addressed by the SHA-256 of its bytes
     chunks/sha256/<aa>/<sha256>                  chunk map of a large object (gzip text, chunks.py)
     manifests/sha256/<aa>/<sha256>.tsv.gz        manifests, addressed by the SHA-256 of their text
@@ -12,6 +13,7 @@ No other module spells a key or reads a document's bytes::
     datasets/<name>/tombstones/<commit-id>.json  a purged commit: who, when, why
     runs/<run-id>.json                           a run: its command, inputs, outputs, status
     audit/<origin>/<first>-<last>.jsonl          shipped audit events of one catalog, create-only
+    doctor/<host>-<id>/...                       doctor's probe objects, removed when it ends
 
 See docs/lake-format.md. Everything here is plain files and JSON, readable without cachehub.
 Manifests are also kept on local disk once verified (``Lake.manifest``): that cache is part of
@@ -32,7 +34,7 @@ from pathlib import Path
 from cachehub.backends import Backend
 
 from . import chunks
-from .errors import CachehubError, ConflictError, FormatError, IntegrityError, LakeError
+from .errors import CachehubError, ConflictError, FormatError, IntegrityError, LakeError, ServerGapError
 from .fsutil import HOST, now_iso, unique_suffix
 from .model import Commit, Tag, Tombstone
 
@@ -77,6 +79,10 @@ def tag_key(dataset: str, tag: str) -> str:
 
 def tombstone_key(dataset: str, commit_id: str) -> str:
     return f"datasets/{dataset}/tombstones/{commit_id}.json"
+
+
+def doctor_prefix(probe_id: str) -> str:
+    return f"doctor/{probe_id}"
 
 
 def run_key(run_id: str) -> str:
@@ -189,6 +195,8 @@ class Lake:
         self.url = backend.url
         self.manifest_cache = manifest_cache
         self._checked = False
+        #: what ``cachehub doctor`` recorded about the server (the marker's ``server.facts``)
+        self.server_facts: dict = {}
 
     def close(self) -> None:
         self.backend.close()
@@ -211,17 +219,57 @@ class Lake:
         try:
             body = json.loads(data)
         except ValueError as exc:
-            raise FormatError(f"{self.url}/{MARKER} is not JSON") from exc
+            raise FormatError(f"{self.url}/{MARKER} is not JSON: restore it from a backup, or delete it and run `cachehub init`", key=MARKER) from exc
         _check_format(body, LAKE_FORMAT, LAKE_FORMAT_VERSION, f"the lake at {self.url}")
+        self._take_server_facts(body)
         self._checked = True
 
     def check_readable(self) -> None:
-        """Refuse a lake written by a newer cachehub (a missing marker means an empty lake)."""
+        """Refuse a lake written by a newer cachehub (a missing marker means an empty lake), and
+        take what doctor recorded about the server, so the backend degrades where it must."""
         try:
             data, _ = self.backend.read(MARKER)
         except FileNotFoundError:
             return
-        _check_format(json.loads(data), LAKE_FORMAT, LAKE_FORMAT_VERSION, f"the lake at {self.url}")
+        try:
+            body = json.loads(data)
+        except ValueError as exc:
+            raise FormatError(f"{self.url}/{MARKER} is not JSON: restore it from a backup, or delete it and run `cachehub init`", key=MARKER) from exc
+        _check_format(body, LAKE_FORMAT, LAKE_FORMAT_VERSION, f"the lake at {self.url}")
+        self._take_server_facts(body)
+
+    def _take_server_facts(self, marker: dict) -> None:
+        server = marker.get("server")
+        facts = server.get("facts") if isinstance(server, dict) else None
+        self.server_facts = dict(facts) if isinstance(facts, dict) else {}
+        self.backend.apply_server_facts(self.server_facts)
+
+    def record_server_facts(self, facts: dict, *, checked_by: str) -> None:
+        """Write doctor's findings into the marker (its ``server`` field), keeping the rest."""
+        self.ensure_initialised()
+        data, etag = self.backend.read(MARKER)
+        body = json.loads(data)
+        body["server"] = {"facts": facts, "checked_at": now_iso(), "checked_by": checked_by, "host": HOST}
+        # the marker is the one document rewritten in place; a lost race with another doctor
+        # leaves that doctor's equally fresh findings
+        conditional = facts.get("if_match") is not False
+        try:
+            self.backend.write(MARKER, canonical_json(body), if_match=etag if conditional else None)
+        except ConflictError:
+            pass
+        self._take_server_facts(body)
+
+    def _refuse_unsafe_tag_write(self, dataset: str, tag: str) -> None:
+        labels = {"create_only": "create-only writes (If-None-Match: *)", "if_match": "conditional writes (If-Match)"}
+        gaps = [label for name, label in labels.items() if self.server_facts.get(name) is False]
+        if gaps:
+            raise ServerGapError(
+                f"refusing to move tag {dataset}@{tag}: the lake's server at {getattr(self.backend, '_where', self.url)} "
+                f"ignores {' and '.join(gaps)}, so a concurrent tag move could be lost without notice (found by "
+                "`cachehub doctor`). Use a server that honours them, then run `cachehub doctor` again to record it; "
+                "commits and caching by commit id still work",
+                key=tag_key(dataset, tag),
+            )
 
     # -- commits -----------------------------------------------------------------------------
     def write_commit(self, commit_fields: dict) -> Commit:
@@ -351,6 +399,7 @@ class Lake:
         }
         data = canonical_json(body)
         key = tag_key(dataset, tag)
+        self._refuse_unsafe_tag_write(dataset, tag)
         if expect is False:
             return self.backend.write(key, data, if_none_match=True)
         if expect is None:

@@ -136,6 +136,26 @@ class InitResult(Fields):
     lake: str
     site: str
     site_root: str
+    #: what ``cachehub doctor`` (run by init) found missing or degraded at the lake's server
+    server_gaps: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, eq=False)
+class DoctorCheck(Fields):
+    """One guarantee of the object-store contract, as ``cachehub doctor`` found it."""
+
+    name: str
+    state: str  # "ok", "degraded" (worked around) or "missing" (operations that need it are refused)
+    detail: str
+    affects: str  # what the gap changes, or "" when ok
+
+
+@dataclass(frozen=True, eq=False)
+class DoctorReport(Fields):
+    lake: str
+    ok: bool
+    checks: list[DoctorCheck]
+    facts: dict[str, Any]  # what is recorded in the lake marker's ``server.facts``
 
 
 @dataclass(frozen=True, eq=False)

@@ -49,13 +49,17 @@ def init(
     ctx = Context(load_settings(home, lake=lake))
     try:
         ctx.lake.ensure_initialised()
+        from .doctor import doctor
+
+        report = doctor(ctx)  # what the server guarantees, recorded in the lake marker
+        gaps = tuple(f"{c.name}: {c.detail}; {c.affects}" for c in report.checks if c.state != "ok")
         site = ctx.site()
         if ctx.settings.creates_on_use(site):
             SiteStore(site).create(by=ctx.user)
         else:
             SiteStore(site).check()
         ctx.events.audit("init", lake=ctx.settings.lake_url, site=site.name)
-        return InitResult(str(path), str(ctx.settings.catalog_path), ctx.settings.lake_url, site.name, site.root)
+        return InitResult(str(path), str(ctx.settings.catalog_path), ctx.settings.lake_url, site.name, site.root, gaps)
     finally:
         ctx.close()
 

@@ -91,12 +91,15 @@ def _size(n: int | None) -> str:
 # -- setup ---------------------------------------------------------------------------------
 @app.command()
 def init(
-    lake: Annotated[Optional[str], typer.Option(help="Lake URL: a directory, file:///path or s3://BUCKET/PREFIX.")] = None,  # noqa: UP007
-    endpoint_url: Annotated[Optional[str], typer.Option(help="S3 endpoint for non-AWS servers.")] = None,  # noqa: UP007
+    lake: Annotated[Optional[str], typer.Option(help="Lake URL: a directory, file:///path, s3://BUCKET/PREFIX, az://CONTAINER/PREFIX or gs://BUCKET/PREFIX.")] = None,  # noqa: UP007
+    endpoint_url: Annotated[Optional[str], typer.Option(help="Object-store endpoint: a non-AWS S3 server, an Azure emulator or private endpoint, a GCS endpoint.")] = None,  # noqa: UP007
     region: Annotated[Optional[str], typer.Option(help="S3 region.")] = None,  # noqa: UP007
     json_out: JsonOpt = False,
 ) -> None:
-    """Write the configuration and create the catalog (defaults: local lake, site 'local')."""
+    """Write the configuration and create the catalog (defaults: local lake, site 'local').
+
+    Also runs `cachehub doctor` against the lake and records what its server guarantees.
+    """
     from cachehub.api import init
 
     result = init(lake=lake, endpoint_url=endpoint_url, region=region)
@@ -105,6 +108,28 @@ def init(
     else:
         typer.echo(f"config  {result.config}\ncatalog {result.catalog}\nlake    {result.lake}")
         typer.echo(f"site    {result.site} -> {result.site_root}")
+    for gap in result.server_gaps:
+        typer.echo(f"warning: the lake's server: {gap} (see `cachehub doctor`)", err=True)
+
+
+@app.command()
+def doctor(json_out: JsonOpt = False) -> None:
+    """Check what the lake's server guarantees and record it in the lake marker.
+
+    Exits 0 when every guarantee holds, 20 when one is degraded (worked around) or missing
+    (operations that need it are refused); each line names the gap and what it affects.
+    """
+    report = _hub().doctor()
+    if json_out:
+        _emit(report)
+    else:
+        typer.echo(f"lake {report.lake}")
+        for check in report.checks:
+            typer.echo(f"{check.state:<9} {check.name:<15} {check.detail}")
+            if check.affects:
+                typer.echo(f"{'':<25} -> {check.affects}")
+    if not report.ok:
+        raise typer.Exit(20)
 
 
 # -- publishing ------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ from hypothesis import settings as hypothesis_settings
 from cachehub.api import Hub
 from cachehub.config import Settings, load_settings
 
+from .servers import AZURITE_ACCOUNT, AZURITE_KEY, AzuriteServer, MotoServer, RcloneS3Server
+
 BUCKET = "cachehub-test"
 
 # Property tests do real file I/O; on a loaded 2-core CI machine a per-example deadline only
@@ -37,8 +39,8 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "cachehub-test")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "cachehub-test-secret")
 os.environ.setdefault("AWS_REGION", "us-east-1")
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
-os.environ["CACHEHUB_S3_RETRIES"] = "2"
-os.environ["CACHEHUB_S3_RETRY_TIMEOUT"] = "5"
+os.environ["CACHEHUB_RETRIES"] = "2"
+os.environ["CACHEHUB_RETRY_TIMEOUT"] = "5"
 
 
 def _free_port_pair() -> int:
@@ -157,6 +159,53 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    server = MotoServer(tmp_path_factory.mktemp("moto"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def rclone_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RcloneS3Server]:
+    server = RcloneS3Server(tmp_path_factory.mktemp("rclone"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzuriteServer]:
+    server = AzuriteServer(tmp_path_factory.mktemp("azurite"))
+    server.start()
+    yield server
+    server.stop()
+
+
+def object_store_lake(kind: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh, empty lake URL on the named server of this session, with the environment
+    (endpoint, credentials) that reaches it set for the library and CLI subprocesses."""
+    name = uuid.uuid4().hex[:12]
+    if kind == "seaweed":
+        server = request.getfixturevalue("seaweed")
+        monkeypatch.setenv("CACHEHUB_ENDPOINT_URL", server.endpoint)
+        return f"s3://{BUCKET}/{name}"
+    if kind in ("moto", "rclone"):
+        server = request.getfixturevalue("moto" if kind == "moto" else "rclone_s3")
+        server.create_bucket(f"lake-{name}")
+        monkeypatch.setenv("CACHEHUB_ENDPOINT_URL", server.endpoint)
+        return f"s3://lake-{name}/prefix"
+    if kind == "azurite":
+        server = request.getfixturevalue("azurite")
+        server.create_container(f"lake-{name}")
+        monkeypatch.setenv("CACHEHUB_ENDPOINT_URL", server.endpoint)
+        monkeypatch.setenv("AZURE_STORAGE_ACCOUNT_NAME", AZURITE_ACCOUNT)
+        monkeypatch.setenv("AZURE_STORAGE_ACCOUNT_KEY", AZURITE_KEY)
+        return f"az://lake-{name}/prefix"
+    raise ValueError(kind)
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -146,7 +146,7 @@ def test_a_missing_bucket_is_reported_as_missing(seaweed: SeaweedServer, tmp_pat
 @pytest.fixture
 def s3_env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CACHEHUB_")}
-    env.update(CACHEHUB_HOME=str(tmp_path / "home"), CACHEHUB_LAKE="s3://lake/prefix", CACHEHUB_S3_REQUEST_TIMEOUT="1", CACHEHUB_S3_RETRY_TIMEOUT="2")
+    env.update(CACHEHUB_HOME=str(tmp_path / "home"), CACHEHUB_LAKE="s3://lake/prefix", CACHEHUB_REQUEST_TIMEOUT="1", CACHEHUB_RETRY_TIMEOUT="2")
     return env
 
 
@@ -161,7 +161,7 @@ def test_a_refused_port_is_retried_until_the_deadline(s3_env: dict[str, str]) ->
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     code, err, took = _timed({**s3_env, "CACHEHUB_ENDPOINT_URL": f"http://127.0.0.1:{port}"})
-    assert code == 11 and "did not answer" in err and "CACHEHUB_S3_RETRY_TIMEOUT" in err
+    assert code == 11 and "did not answer" in err and "CACHEHUB_RETRY_TIMEOUT" in err
     assert took >= 1.5  # retried for the deadline (2 s), not given up after the first tries
     assert took < 30  # and then stopped
 
@@ -187,7 +187,7 @@ def test_a_frozen_server_ends_at_the_request_deadline(s3_env: dict[str, str]) ->
         server.close()
         for conn in held:
             conn.close()
-    assert code == 11 and "did not answer" in err and "CACHEHUB_S3_REQUEST_TIMEOUT" in err
+    assert code == 11 and "did not answer" in err and "CACHEHUB_REQUEST_TIMEOUT" in err
     assert took < 30  # 1 s per request, retried for 2 s: not the 300 s of before
     assert held  # it did reach the server
 
