@@ -57,4 +57,12 @@ def open_backend(
     )
 
 
-__all__ = ["Backend", "open_backend"]
+def runtime_started() -> bool:
+    """Has this process used an object-store lake (and so started obstore's Rust threads)?"""
+    import sys
+
+    module = sys.modules.get(f"{__name__}.objstore")
+    return bool(module and module._RUNTIME_PID)
+
+
+__all__ = ["Backend", "open_backend", "runtime_started"]

@@ -29,13 +29,13 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import obstore
+from obstore.exceptions import AlreadyExistsError, PreconditionError
+
 from cachehub.errors import ConflictError, IntegrityError, LakeError
 from cachehub.fsutil import unique_suffix
 
 from .base import Backend, Buffer
-
-import obstore
-from obstore.exceptions import AlreadyExistsError, PreconditionError
 
 
 def _env(name: str, default: str) -> str:

@@ -14,18 +14,18 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
-from . import access, audit, cache, evict, index, lineage, purge, push, restore, runs, shard, sites, status, tags, verify
+from . import access, audit, cache, doctor, evict, index, lakeverify, lineage, purge, push, restore, runs, shard, sites, status, tags, verify
 from .catalog import Catalog
 from .config import Settings, lake_identity, lake_uri
 from .context import Context
 from .diff import diff_files
-from .errors import NotCachedError, RefNotFoundError
+from .errors import NotCachedError
 from .gc import gc as collect
 from .lake import Lake
 from .lease import pin, unpin
 from .manifest import read_manifest
 from .model import CacheResult, Commit, DatasetInfo, DiffEntry, ManifestEntry, PushResult, Site, Tag, VerifyResult
-from .results import AuditEvent, DoctorReport, GcResult, LeaseStatus, PurgeResult, RestoreResult, ShardResult, SiteStatus, Subscription
+from .results import AuditEvent, DoctorReport, GcResult, LakeVerifyResult, LeaseStatus, PurgeResult, RestoreResult, ShardResult, SiteStatus, Subscription
 from .policy import parse_duration
 from .progress import NULL, Progress
 from .refs import Ref, validate_dataset_name, validate_tag_name
@@ -358,26 +358,20 @@ class Hub:
 
     def lineage(self, ref: str, *, up: bool = True, down: bool = True, depth: int | None = None) -> lineage.Graph:
         """The lineage subgraph around a commit (a purged commit still has its lineage)."""
-        parsed = Ref.of(ref)
-        try:
-            commit_id = self.resolve_commit(parsed).id
-        except RefNotFoundError:
-            gone = index.purged(self.ctx, parsed)
-            if gone is None:
-                raise
-            commit_id = gone.commit
-        return lineage.walk(lineage.build(self.catalog), f"commit:{commit_id}", up=up, down=down, depth=depth)
+        return lineage.around(self.ctx, ref, up=up, down=down, depth=depth)
 
     def restore(self, ref: str, directory: str | os.PathLike[str], *, jobs: int | None = None) -> RestoreResult:
         """A writable working copy of a commit in ``directory``; history is never changed."""
         return restore.restore(self.ctx, ref, Path(directory), jobs=jobs)
 
     def doctor(self, *, record: bool = True) -> DoctorReport:
-        """Check what the lake's server guarantees (conditional writes, ranges, listings,
-        checksums, clock) and record it in the lake marker; see ``cachehub.doctor``."""
-        from .doctor import doctor
+        """What the lake's server guarantees, recorded in the lake marker (``cachehub.doctor``)."""
+        return doctor.doctor(self.ctx, record=record)
 
-        return doctor(self.ctx, record=record)
+    def verify_lake(self, *, datasets: list[str] | None = None, sample: float | None = None, restart: bool = False,
+                    jobs: int | None = None, progress: Progress = NULL) -> LakeVerifyResult:  # fmt: skip
+        """Check the lake itself, sampled or in full, resumably (``cachehub.lakeverify``)."""
+        return lakeverify.verify_lake(self.ctx, datasets=datasets, sample=sample, restart=restart, jobs=jobs, progress=progress)
 
     def purge(self, ref: str, *, reason: str) -> PurgeResult:
         """Erase a commit (right to erasure): unshared content in the lake and at every site."""

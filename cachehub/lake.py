@@ -49,6 +49,13 @@ TAG_FORMAT_VERSION = 1
 TOMBSTONE_FORMAT = "cachehub-tombstone"
 RUN_FORMAT = "cachehub-run"
 MARKER = "cachehub-lake.json"
+CHECK_PIECE = 8 * 1024 * 1024  # objects are read back in pieces of this size when checked
+
+
+async def _hash_in_thread(digest: "hashlib._Hash", data: object) -> None:
+    import asyncio
+
+    await asyncio.to_thread(digest.update, data)  # type: ignore[arg-type]
 
 
 def canonical_json(value: object) -> bytes:
@@ -557,6 +564,33 @@ class Lake:
     async def aget_object_range(self, sha256: str, start: int, end: int) -> object:
         return await self.backend.aget_range(object_key(sha256), start, end)
 
+    async def acheck_object(self, sha256: str, size: int) -> str | None:
+        """Read the lake's copy of an object back and hash it: None if it is whole, else what is
+        wrong ("missing", or how it is damaged). An object above ``CHECK_PIECE`` is read in
+        ranged pieces and hashed as it arrives, so memory stays bounded whatever its size."""
+        key = object_key(sha256)
+        digest = hashlib.sha256()
+        got = 0
+        try:
+            if size <= CHECK_PIECE:
+                body = await self.backend.aget(key)
+                got = len(body)  # type: ignore[arg-type]
+                await _hash_in_thread(digest, body)
+            else:
+                for start in range(0, size, CHECK_PIECE):
+                    piece = await self.backend.aget_range(key, start, min(size, start + CHECK_PIECE))
+                    got += len(piece)  # type: ignore[arg-type]
+                    await _hash_in_thread(digest, piece)
+                    if len(piece) < min(CHECK_PIECE, size - start):  # type: ignore[arg-type]
+                        break  # shorter than its manifest says
+        except FileNotFoundError:
+            return "missing"
+        if got != size:
+            return f"damaged: {got} bytes where {size} were expected"
+        if digest.hexdigest() != sha256:
+            return f"damaged: its bytes hash to {digest.hexdigest()}"
+        return None
+
     async def aput_object(self, sha256: str, data: object) -> None:
         await self.backend.aput(object_key(sha256), data, sha256=sha256)  # type: ignore[arg-type]
 
@@ -571,9 +605,24 @@ class Lake:
         """The chunk map of a large object; FileNotFoundError if it has none, FormatError if damaged."""
         return chunks.decode(self.backend.read(chunk_map_key(sha256))[0], size=size)
 
+    async def acheck_chunk_map(self, sha256: str, size: int) -> str | None:
+        """None if the chunk map of a large object is there and decodes to its size, else what
+        is wrong ("missing" or how it is damaged)."""
+        import asyncio
+
+        try:
+            await asyncio.to_thread(self.read_chunk_map, sha256, size=size)
+        except FileNotFoundError:
+            return "missing"
+        except (CachehubError, ValueError, OSError, zlib.error, EOFError) as exc:
+            return f"damaged: {exc}"
+        return None
+
     async def ahas_chunk_map(self, sha256: str) -> bool:
         return await self.backend.aexists(chunk_map_key(sha256))
 
-    async def aput_chunk_map(self, sha256: str, chunk_map: chunks.ChunkMap) -> None:
+    async def aput_chunk_map(self, sha256: str, chunk_map: chunks.ChunkMap, *, replace: bool = False) -> None:
+        """Store the chunk map of a large object; ``replace`` puts it over a damaged copy."""
         blob = chunks.encode(chunk_map)
-        await self.backend.aput(chunk_map_key(sha256), blob, sha256=hashlib.sha256(blob).hexdigest())
+        put = self.backend.areplace if replace else self.backend.aput
+        await put(chunk_map_key(sha256), blob, sha256=hashlib.sha256(blob).hexdigest())

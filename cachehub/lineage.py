@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .catalog import Catalog
+    from .context import Context
 
 
 @dataclass(frozen=True)
@@ -164,3 +165,20 @@ def _tree(g: Graph, node: str, *, forward: bool, indent: str, seen: set[str]) ->
             seen.add(nxt)
             out += _tree(g, nxt, forward=forward, indent=indent + "  ", seen=seen)
     return out
+
+
+def around(ctx: Context, ref: str, *, up: bool = True, down: bool = True, depth: int | None = None) -> Graph:
+    """The lineage subgraph around the commit ``ref`` names (a purged commit still has its lineage)."""
+    from .errors import RefNotFoundError
+    from .index import purged, resolve_commit
+    from .refs import Ref
+
+    parsed = Ref.of(ref)
+    try:
+        commit_id = resolve_commit(ctx, parsed).id
+    except RefNotFoundError:
+        gone = purged(ctx, parsed)
+        if gone is None:
+            raise
+        commit_id = gone.commit
+    return walk(build(ctx.catalog), f"commit:{commit_id}", up=up, down=down, depth=depth)

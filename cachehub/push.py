@@ -263,17 +263,15 @@ def _upload(
 
     async def repaired(sha: str, size: int, mtime: int, path: str) -> bool:
         """Check the lake's copy; put the file's bytes over it if it is missing or damaged."""
-        try:
-            got = await lake.aget_object(sha)
-            good = len(got) == size and await asyncio.to_thread(lambda: hashlib.sha256(got).hexdigest()) == sha  # type: ignore[arg-type]
-        except FileNotFoundError:
-            good = False
-        if good:
+        object_ok = await lake.acheck_object(sha, size) is None
+        map_ok = size <= chunks.CHUNKED_MIN or await lake.acheck_chunk_map(sha, size) is None
+        if object_ok and map_ok:
             return False
         data = await asyncio.to_thread(_read_checked, path, sha, size, mtime)
-        await lake.areplace_object(sha, data)
-        if size > chunks.CHUNKED_MIN and not await lake.ahas_chunk_map(sha):
-            await lake.aput_chunk_map(sha, await asyncio.to_thread(chunks.compute, data))
+        if not object_ok:
+            await lake.areplace_object(sha, data)
+        if not map_ok:  # after the object: a chunk map never describes content the lake lacks
+            await lake.aput_chunk_map(sha, await asyncio.to_thread(chunks.compute, data), replace=True)
         return True
 
     async def one(item: tuple[str, int, int, str]) -> None:

@@ -215,3 +215,27 @@ class ShardResult(Fields):
     path: str | None  # the tree, once published
     waiting_for: str | None  # unpublished: the first file whose content another shard still fetches
     seconds: float
+
+
+@dataclass(frozen=True, eq=False)
+class LakeProblem(Fields):
+    """One thing ``cachehub lake verify`` found wrong in the lake: its key, what, and the fix."""
+
+    key: str
+    what: str
+    fix: str
+
+
+@dataclass(frozen=True, eq=False)
+class LakeVerifyResult(Fields):
+    lake: str
+    datasets: list[str]
+    commits: int  # good commit documents read
+    manifests: int
+    objects: int  # distinct content objects the manifests name
+    checked_objects: int  # read back and hashed (all, or the sample), this run and the run it resumed
+    checked_bytes: int
+    sample: float | None
+    resumed_from: int  # objects a previous, interrupted run had already checked
+    ok: bool
+    problems: list[LakeProblem]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .config import DEFAULT_SITE, LINK_MODES, load_settings, policy_for_humans, site_to_config, update_config, validate_site_name
 from .context import Context
-from .errors import ConfigError, ConflictError
+from .errors import ConfigError, ConflictError, LakeError
 from .model import Site
 from .results import InitResult
 from .policy import parse_duration, parse_fraction, parse_size
@@ -51,8 +51,11 @@ def init(
         ctx.lake.ensure_initialised()
         from .doctor import doctor
 
-        report = doctor(ctx)  # what the server guarantees, recorded in the lake marker
-        gaps = tuple(f"{c.name}: {c.detail}; {c.affects}" for c in report.checks if c.state != "ok")
+        try:
+            report = doctor(ctx)  # what the server guarantees, recorded in the lake marker
+            gaps = tuple(f"{c.name}: {c.detail}; {c.affects}" for c in report.checks if c.state != "ok")
+        except (LakeError, ConflictError) as exc:  # read-only credentials: init still works
+            gaps = (f"not checked ({exc}); run `cachehub doctor` with credentials that may write to the lake",)
         site = ctx.site()
         if ctx.settings.creates_on_use(site):
             SiteStore(site).create(by=ctx.user)

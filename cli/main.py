@@ -31,9 +31,11 @@ app = _typer(
 site_app = _typer(help="Manage sites: cache roots near compute.", no_args_is_help=True)
 catalog_app = _typer(help="Manage the local catalog (an index of the lake).", no_args_is_help=True)
 audit_app = _typer(help="The audit trail: who did what, when, where.", invoke_without_command=True)
+lake_app = _typer(help="Check the lake itself.", no_args_is_help=True)
 app.add_typer(site_app, name="site")
 app.add_typer(catalog_app, name="catalog")
 app.add_typer(audit_app, name="audit")
+app.add_typer(lake_app, name="lake")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 SiteOpt = Annotated[Optional[str], typer.Option("--site", "-s", help="Site name (default: CACHEHUB_SITE or the configured default, 'local').")]  # noqa: UP007
@@ -42,10 +44,15 @@ ExcludeOpt = Annotated[Optional[list[str]], typer.Option("--exclude", help="Leav
 JobsOpt = Annotated[Optional[int], typer.Option("--jobs", "-j", help="Transfers in flight (default: CACHEHUB_JOBS or config, else 64).")]  # noqa: UP007
 
 
+_OPENED: list[Hub] = []  # closed by main() before the process exits
+
+
 def _hub() -> Hub:
     from cachehub.api import Hub
 
-    return Hub()
+    hub = Hub()
+    _OPENED.append(hub)
+    return hub
 
 
 def _emit(value: Any) -> None:
@@ -110,6 +117,38 @@ def init(
         typer.echo(f"site    {result.site} -> {result.site_root}")
     for gap in result.server_gaps:
         typer.echo(f"warning: the lake's server: {gap} (see `cachehub doctor`)", err=True)
+
+
+@lake_app.command("verify")
+def lake_verify(
+    dataset: Annotated[Optional[list[str]], typer.Option("--dataset", "-d", help="Only this dataset (repeatable; default: all).")] = None,  # noqa: UP007
+    sample: Annotated[Optional[float], typer.Option(help="Check a random fraction of the objects, e.g. 0.01 (default: all).")] = None,  # noqa: UP007
+    restart: Annotated[bool, typer.Option("--restart", help="Start over instead of resuming an interrupted run.")] = False,
+    jobs: JobsOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Read the lake back: commit and tag documents, manifests, objects and chunk maps, hashed.
+
+    Resumes an interrupted run with the same options. Exits 9 if anything is missing or damaged.
+    """
+    from cachehub.fsutil import human_bytes
+
+    result = _hub().verify_lake(datasets=dataset, sample=sample, restart=restart, jobs=jobs, progress=_progress(not json_out))
+    if json_out:
+        _emit(result)
+    else:
+        if result.resumed_from:
+            typer.echo(f"resumed after {result.resumed_from} objects checked by an interrupted run")
+        share = f" (a {result.sample:g} sample)" if result.sample else ""
+        typer.echo(
+            f"{len(result.datasets)} datasets, {result.commits} commits, {result.manifests} manifests; "
+            f"{result.checked_objects} of {result.objects} objects checked{share}, {human_bytes(result.checked_bytes)}"
+        )
+        for problem in result.problems:
+            typer.echo(f"problem: {problem.key}: {problem.what}" + (f"; fix: {problem.fix}" if problem.fix else ""))
+        typer.echo("lake ok" if result.ok else f"{len(result.problems)} problems")
+    if not result.ok:
+        raise typer.Exit(9)
 
 
 @app.command()
@@ -931,26 +970,92 @@ def main() -> None:
     """
     import signal
 
-    from cachehub.errors import CachehubError
-
     debug = os.environ.get("CACHEHUB_DEBUG") == "1"
     signal.signal(signal.SIGINT, _interrupted)
+    _arm_deadline()
+    code = 0
     try:
         app()
-    except Interrupted:
+    except SystemExit as exc:  # typer.Exit, --help, usage errors (click prints them)
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException as exc:  # noqa: BLE001 - every way out goes through _exit below
+        code = _report(exc, debug)
+    _exit(code)
+
+
+def _report(exc: BaseException, debug: bool) -> int:
+    """One line on stderr and the exit code for an error that ended the command."""
+    import traceback
+
+    from cachehub.errors import CachehubError
+
+    if isinstance(exc, Interrupted):
         # every step cleans up in its finally blocks on the way here; fetched objects stay
         typer.echo("cachehub: interrupted; re-run to resume", err=True)
-        sys.exit(130)
-    except CachehubError as exc:
-        if debug:
-            raise
-        typer.echo(f"cachehub: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except (OSError, ValueError) as exc:
-        if debug:
-            raise
-        typer.echo(f"cachehub: error: {exc}", err=True)
-        sys.exit(1)
+        return 130
+    if debug or not isinstance(exc, (CachehubError, OSError, ValueError)):
+        traceback.print_exception(exc)
+        return 1
+    typer.echo(f"cachehub: error: {exc}", err=True)
+    return exc.exit_code if isinstance(exc, CachehubError) else 1
+
+
+def _exit(code: int) -> None:
+    """Close what the command opened, then leave.
+
+    With an object-store lake, obstore's Rust threads may still hold requests that an error cut
+    short; if one finished while the interpreter was tearing down, it would call into a Python
+    that is gone and abort the process (SIGABRT, exit 134). So after closing the hubs and
+    flushing the output, such a process ends with ``os._exit`` and skips that teardown: every
+    file cachehub writes is already durable (written, fsynced, renamed) by then.
+    """
+    for hub in _OPENED:
+        try:
+            hub.close()
+        except Exception:  # noqa: BLE001, S110 - closing is best effort on the way out
+            pass
+    _OPENED.clear()
+    from cachehub.backends import runtime_started
+
+    if not runtime_started():
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _arm_deadline() -> None:
+    """``CACHEHUB_COMMAND_TIMEOUT``: end the whole command after that many seconds.
+
+    The per-request deadlines (CACHEHUB_REQUEST_TIMEOUT, CACHEHUB_RETRY_TIMEOUT) bound each
+    lake request; this one bounds the command, for jobs that must not wait on a lake for ever.
+    The command is ended as a crash would end it (exit 11): everything cachehub publishes is
+    crash-safe, so a re-run resumes.
+    """
+    raw = os.environ.get("CACHEHUB_COMMAND_TIMEOUT")
+    if not raw:
+        return
+    from cachehub.errors import ConfigError
+    from cachehub.policy import parse_duration
+
+    try:
+        seconds = parse_duration(raw)
+    except (ConfigError, ValueError):
+        typer.echo(f"cachehub: error: CACHEHUB_COMMAND_TIMEOUT={raw!r} is not a duration (e.g. 90s, 10m, 2h)", err=True)
+        sys.exit(13)
+    import threading
+
+    def expire() -> None:
+        sys.stderr.write(
+            f"cachehub: error: the command ran past its deadline of {raw} (CACHEHUB_COMMAND_TIMEOUT) and was ended; "
+            "nothing half-done was published, re-run to resume\n"
+        )
+        sys.stderr.flush()
+        os._exit(11)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
 
 
 if __name__ == "__main__":

@@ -79,8 +79,13 @@ class LoopbackServer:
         self.proc = None
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
 def _tool(name: str, hint: str) -> str:
-    path = shutil.which(name)
+    """A server's command: from the repo's own npm prefix (``.node/``), else the PATH."""
+    local = REPO / ".node" / "node_modules" / ".bin" / name
+    path = str(local) if local.exists() else shutil.which(name)
     if path is None:
         raise RuntimeError(f"the {name!r} command is missing: {hint} (.ci/run installs it)")
     return path
@@ -119,7 +124,7 @@ class AzuriteServer(LoopbackServer):
 
     def command(self) -> list[str]:
         return [
-            _tool("azurite-blob", "npm install -g azurite"), "--blobHost", "127.0.0.1", "--blobPort", str(self.port),
+            _tool("azurite-blob", "npm install --prefix .node azurite@3"), "--blobHost", "127.0.0.1", "--blobPort", str(self.port),
             "--location", str(self.data_dir / "data"), "--silent", "--skipApiVersionCheck", "--loose",
         ]  # fmt: skip
 

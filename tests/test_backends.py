@@ -102,6 +102,8 @@ def test_doctor_and_round_trip(store_env: dict[str, str], tmp_path: Path, reques
     assert run_cli("verify", "ds@v1", env=env).returncode == 0
     assert run_cli("tag", "ds@v1", "v2", env=env).returncode == 0
     assert "v2" in run_cli("show", "ds@v2", env=env, check=True).stdout
+    checked = json.loads(run_cli("lake", "verify", "--json", env=env, check=True).stdout)
+    assert checked["ok"] and checked["checked_objects"] == checked["objects"] == 30
 
 
 @pytest.mark.parametrize("store_env", ["rclone"], indirect=True)
@@ -131,6 +133,7 @@ def test_server_with_gaps(store_env: dict[str, str], tmp_path: Path) -> None:
     run_cli("cache", f"ds@{commit[:12]}", env=env, check=True)
     path = run_cli("path", f"ds@{commit[:12]}", env=env, check=True).stdout.strip()
     assert tree_digest(Path(path)) == tree_digest(src)
+    assert run_cli("lake", "verify", env=env).returncode == 0  # ranged pieces, degraded to whole GETs
 
 
 def test_degraded_paths_give_the_same_answers(tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -217,3 +220,25 @@ def test_unsupported_and_misused_urls() -> None:
         open_backend("ftp://host/x")
     with pytest.raises(ConfigError, match="S3 credentials"):
         open_backend("az://c/p", credentials={"access_key_id": "a", "secret_access_key": "b"})
+
+
+def test_read_only_credentials_still_init_and_read(azurite, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A training host with read-only credentials (an Azure SAS allowing read and list): init
+    warns that the server could not be checked, and reading works; doctor itself exits 11."""
+    from datetime import datetime, timedelta, timezone
+
+    from azure.storage.blob import ContainerSasPermissions, generate_container_sas
+
+    azurite.create_container("readonly")
+    base = dict(os.environ, CACHEHUB_ENDPOINT_URL=azurite.endpoint, AZURE_STORAGE_ACCOUNT_NAME=AZURITE_ACCOUNT, CACHEHUB_LAKE="az://readonly/p")
+    writer = dict(base, CACHEHUB_HOME=str(tmp_path / "writer"), AZURE_STORAGE_ACCOUNT_KEY=AZURITE_KEY)
+    src = random_tree(tmp_path / "src", 5, seed=8)
+    run_cli("push", str(src), "ds", "--tag", "v1", env=writer, check=True)
+    sas = generate_container_sas(AZURITE_ACCOUNT, "readonly", account_key=AZURITE_KEY, permission=ContainerSasPermissions(read=True, list=True),
+                                 expiry=datetime.now(timezone.utc) + timedelta(hours=1))  # fmt: skip
+    reader = dict(base, CACHEHUB_HOME=str(tmp_path / "reader"), AZURE_STORAGE_SAS_TOKEN=sas)
+    init = run_cli("init", env=reader)
+    assert init.returncode == 0 and "not checked" in init.stderr and "cachehub doctor" in init.stderr, init.stderr
+    assert sas not in init.stderr  # the token is never printed
+    run_cli("cache", "ds@v1", env=reader, check=True)
+    assert run_cli("doctor", env=reader).returncode == 11

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from cachehub import Hub
+from cachehub.config import load_settings
 from cachehub.lake import commit_key, manifest_key, tag_key
 
 from .conftest import SeaweedServer, run_cli, write_tree
@@ -190,6 +191,42 @@ def test_a_frozen_server_ends_at_the_request_deadline(s3_env: dict[str, str]) ->
     assert code == 11 and "did not answer" in err and "CACHEHUB_REQUEST_TIMEOUT" in err
     assert took < 30  # 1 s per request, retried for 2 s: not the 300 s of before
     assert held  # it did reach the server
+
+
+def test_the_command_deadline_ends_a_command_waiting_on_a_frozen_server(s3_env: dict[str, str]) -> None:
+    """CACHEHUB_COMMAND_TIMEOUT bounds the whole command, whatever the request deadlines say."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    env = {**s3_env, "CACHEHUB_ENDPOINT_URL": f"http://127.0.0.1:{server.getsockname()[1]}",
+           "CACHEHUB_REQUEST_TIMEOUT": "60", "CACHEHUB_RETRY_TIMEOUT": "120", "CACHEHUB_COMMAND_TIMEOUT": "2s"}  # fmt: skip
+    try:
+        code, err, took = _timed(env)
+    finally:
+        server.close()
+    assert code == 11 and "deadline of 2s (CACHEHUB_COMMAND_TIMEOUT)" in err and "re-run to resume" in err
+    assert took < 30  # not the 60 s of one request
+    bad = run_cli("datasets", env={**env, "CACHEHUB_COMMAND_TIMEOUT": "soon"})
+    assert bad.returncode == 13 and "CACHEHUB_COMMAND_TIMEOUT='soon' is not a duration" in bad.stderr
+
+
+def test_no_abort_when_exiting_on_an_error_with_requests_in_flight(tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache that fails on one missing object while many others are in flight exits with
+    the error's code every time, never SIGABRT (134) from obstore's threads at teardown."""
+    from .conftest import object_store_lake, random_tree
+
+    url = object_store_lake("seaweed", request, monkeypatch)
+    env = {**os.environ, "CACHEHUB_HOME": str(tmp_path / "home"), "CACHEHUB_LAKE": url}
+    src = random_tree(tmp_path / "src", 300, seed=9, max_size=2000)
+    run_cli("push", str(src), "ds", "--tag", "v1", env=env, check=True)
+    hub = Hub(load_settings(tmp_path / "home", lake=url))
+    victim = hashlib.sha256(sorted(p for p in src.rglob("*") if p.is_file())[150].read_bytes()).hexdigest()
+    hub.lake.backend.delete(f"objects/sha256/{victim[:2]}/{victim}")
+    hub.close()
+    codes = []
+    for i in range(12):  # each run from a new home: an empty site, every object to fetch
+        codes.append(run_cli("cache", "ds@v1", "--jobs", "64", env={**env, "CACHEHUB_HOME": str(tmp_path / f"h{i}")}).returncode)
+    assert set(codes) == {9}, codes
 
 
 def test_push_repair_puts_back_damaged_and_missing_objects(hub: Hub, tmp_path: Path, env: dict[str, str]) -> None:
