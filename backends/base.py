@@ -11,7 +11,7 @@ the data path the transfer engine drives with many requests in flight.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -72,6 +72,19 @@ class Backend(abc.ABC):
     async def aget_range(self, key: str, start: int, end: int) -> Buffer:
         """Bytes ``[start, end)`` of the object (ranged reads of large objects, and one-call
         reads of small objects whose size is known); may be shorter if the object is."""
+
+    async def astream(self, key: str, piece: int) -> AsyncIterator[Buffer]:
+        """The whole object in pieces of about ``piece`` bytes, hashed as they arrive by whoever
+        reads them (``lake verify``, ``push --repair``): memory stays bounded whatever its size.
+        FileNotFoundError if absent."""
+        data = await self.aget(key)
+        for start in range(0, len(data), piece):  # type: ignore[arg-type]
+            yield memoryview(data)[start : start + piece]  # type: ignore[arg-type]
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Remove every key under ``prefix`` (doctor's probe objects)."""
+        for key in list(self.list(prefix)):
+            self.delete(key)
 
     @abc.abstractmethod
     def read_range(self, key: str, start: int, end: int) -> Buffer:

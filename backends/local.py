@@ -14,7 +14,7 @@ import hashlib
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -65,6 +65,20 @@ class LocalBackend(Backend):
 
     def exists(self, key: str) -> bool:
         return self._path(key).exists()
+
+    async def astream(self, key: str, piece: int) -> AsyncIterator[bytes]:
+        path = self._path(key)
+        fh = await asyncio.to_thread(open, path, "rb")
+        try:
+            while chunk := await asyncio.to_thread(fh.read, piece):
+                yield chunk
+        finally:
+            fh.close()
+
+    def delete_prefix(self, prefix: str) -> None:
+        if not prefix.strip("/"):
+            raise UnsafePathError("refusing to delete the whole lake", path=prefix)
+        shutil.rmtree(self._path(prefix.rstrip("/")), ignore_errors=True)
 
     def uploads_verified(self) -> bool:
         return True  # aput hashes the bytes it writes

@@ -24,18 +24,22 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import obstore
-from obstore.exceptions import AlreadyExistsError, PreconditionError
+from obstore.exceptions import AlreadyExistsError, PermissionDeniedError, PreconditionError, UnauthenticatedError
 
 from cachehub.errors import ConflictError, IntegrityError, LakeError
 from cachehub.fsutil import unique_suffix
 
 from .base import Backend, Buffer
+
+
+_STATUS_DENIED = re.compile(r"status code: 40[13]\b")
 
 
 def _env(name: str, default: str) -> str:
@@ -117,7 +121,7 @@ class ObjectStoreBackend(Backend):
         first = text.splitlines()[0] if text else type(exc).__name__
         if "BadDigest" in text or "checksum" in text.lower() and "mismatch" in text.lower() or "Md5Mismatch" in text:
             return IntegrityError(f"the server rejected {key}: checksum mismatch", key=key)
-        if isinstance(exc, PermissionError) or "403" in first or "Forbidden" in text or "401" in first:
+        if isinstance(exc, (PermissionDeniedError, UnauthenticatedError, PermissionError)) or _STATUS_DENIED.search(text):
             return LakeError(f"access denied to {key} at {self._where}: {self.credentials_hint}", key=key)
         if "error sending request" in text or "timed out" in text.lower() or "connection refused" in text.lower():
             request_timeout, retry_timeout, _ = deadlines()
@@ -259,13 +263,23 @@ class ObjectStoreBackend(Backend):
         except Exception as exc:
             raise self._translate(exc, key) from exc
 
+    async def astream(self, key: str, piece: int) -> AsyncIterator[Buffer]:
+        """The object in pieces of about ``piece`` bytes, from one streamed GET."""
+        check_fork()
+        try:
+            result = await obstore.get_async(self._store, key)
+            async for chunk in result.stream(min_chunk_size=piece):
+                yield chunk
+        except Exception as exc:
+            raise self._translate(exc, key) from exc
+
     async def aput(self, key: str, data: bytes, *, sha256: str) -> None:
         check_fork()
         try:
             await obstore.put_async(self._store, key, data, use_multipart=len(data) > 64 * 1024 * 1024)
         except Exception as exc:
             raise self._translate(exc, key) from exc
-        await self._verify_upload(key, sha256)
+        await self._verify_upload(key, data, sha256)
 
     async def areplace(self, key: str, data: bytes, *, sha256: str) -> None:
         await self.aput(key, data, sha256=sha256)
@@ -282,22 +296,35 @@ class ObjectStoreBackend(Backend):
             return False
         except Exception as exc:
             raise self._translate(exc, key) from exc
-        await self._verify_upload(key, sha256)
+        await self._verify_upload(key, data, sha256)
         return True
 
-    async def _verify_upload(self, key: str, sha256: str) -> None:
+    async def _verify_upload(self, key: str, data: Buffer, sha256: str) -> None:
         """Client-side verification where the server does not check what it stores: read the
-        upload back and hash it. A damaged copy is deleted and reported (push re-runs cleanly)."""
+        upload back and hash it; on a mismatch put the known-good bytes again (a few times).
+
+        Never deletes: the key is content-addressed and shared by every commit holding that
+        content, so another push may have published it meanwhile."""
         if self.uploads_verified():
             return
-        stored = await self.aget(key)
-        if hashlib.sha256(stored).hexdigest() != sha256:
-            await asyncio.to_thread(self.delete, key)
-            raise IntegrityError(
-                f"{self.provider} at {self._where} stored {key} damaged (read back after the upload, because "
-                "this server does not check upload checksums); nothing was published: re-run the push",
-                key=key,
-            )
+        for attempt in range(UPLOAD_ATTEMPTS):
+            stored = await self.aget(key)
+            if hashlib.sha256(stored).hexdigest() == sha256:
+                return
+            if attempt + 1 < UPLOAD_ATTEMPTS:
+                try:
+                    await obstore.put_async(self._store, key, data, use_multipart=len(data) > 64 * 1024 * 1024)  # type: ignore[arg-type]
+                except Exception as exc:
+                    raise self._translate(exc, key) from exc
+        raise IntegrityError(
+            f"{self.provider} at {self._where} keeps storing {key} damaged (read back after {UPLOAD_ATTEMPTS} uploads, "
+            "because this server does not check upload checksums); nothing was published: check the server, then "
+            "re-run the push with --repair",
+            key=key,
+        )
+
+
+UPLOAD_ATTEMPTS = 3  # uploads of one object whose read-back does not match, before giving up
 
 
 def _not_partial(exc: Exception) -> bool:

@@ -49,7 +49,7 @@ TAG_FORMAT_VERSION = 1
 TOMBSTONE_FORMAT = "cachehub-tombstone"
 RUN_FORMAT = "cachehub-run"
 MARKER = "cachehub-lake.json"
-CHECK_PIECE = 8 * 1024 * 1024  # objects are read back in pieces of this size when checked
+CHECK_PIECE = 8 * 1024 * 1024  # objects above this are streamed and hashed piece by piece when checked
 
 
 async def _hash_in_thread(digest: "hashlib._Hash", data: object) -> None:
@@ -566,8 +566,9 @@ class Lake:
 
     async def acheck_object(self, sha256: str, size: int) -> str | None:
         """Read the lake's copy of an object back and hash it: None if it is whole, else what is
-        wrong ("missing", or how it is damaged). An object above ``CHECK_PIECE`` is read in
-        ranged pieces and hashed as it arrives, so memory stays bounded whatever its size."""
+        wrong ("missing", or how it is damaged). An object above ``CHECK_PIECE`` is streamed
+        (one GET) and hashed as it arrives, so memory stays bounded whatever its size, and a
+        copy shorter or longer than its manifest says is reported as damaged, not as an error."""
         key = object_key(sha256)
         digest = hashlib.sha256()
         got = 0
@@ -577,12 +578,9 @@ class Lake:
                 got = len(body)  # type: ignore[arg-type]
                 await _hash_in_thread(digest, body)
             else:
-                for start in range(0, size, CHECK_PIECE):
-                    piece = await self.backend.aget_range(key, start, min(size, start + CHECK_PIECE))
+                async for piece in self.backend.astream(key, CHECK_PIECE):
                     got += len(piece)  # type: ignore[arg-type]
                     await _hash_in_thread(digest, piece)
-                    if len(piece) < min(CHECK_PIECE, size - start):  # type: ignore[arg-type]
-                        break  # shorter than its manifest says
         except FileNotFoundError:
             return "missing"
         if got != size:
@@ -614,7 +612,7 @@ class Lake:
             await asyncio.to_thread(self.read_chunk_map, sha256, size=size)
         except FileNotFoundError:
             return "missing"
-        except (CachehubError, ValueError, OSError, zlib.error, EOFError) as exc:
+        except (FormatError, IntegrityError, ValueError, zlib.error, EOFError) as exc:  # not LakeError: a lake down is no damage
             return f"damaged: {exc}"
         return None
 

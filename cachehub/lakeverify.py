@@ -9,15 +9,17 @@ What it reads, in order:
    pieces, with bounded memory), and the chunk map of each large object.
 
 ``--sample F`` checks a random fraction F of the objects (documents and manifests are always
-all read: they are small). Objects are visited in the order of their hash, and the position
-is saved in the home every ``CHECKPOINT`` objects (``lake-verify/<lake>.json``): an
-interrupted run, re-run with the same options, resumes there; ``--restart`` starts over.
+all read: they are small). Objects are visited in the order of their hash, and the last one
+checked is saved in the home every ``CHECKPOINT`` objects (``lake-verify/<lake>.json``): an
+interrupted run, re-run with the same options, resumes after it (and checks again what it had
+found wrong); ``--restart`` starts over.
 
 Nothing is changed in the lake. Each problem names its key and the fix.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
@@ -75,34 +77,42 @@ def verify_lake(
     state_path = ctx.settings.home / "lake-verify" / f"{hashlib.sha256(lake.url.encode()).hexdigest()[:16]}.json"
     options = {"lake": lake.url, "datasets": names, "sample": sample}
     state = _load_state(state_path, options) if not restart else None
-    resumed_from = state["position"] if state else 0
     if state is None:
-        state = {**options, "seed": random.SystemRandom().getrandbits(64), "position": 0, "checked": 0, "bytes": 0, "problems": []}
+        state = {**options, "seed": random.SystemRandom().getrandbits(64), "last": "", "checked": 0, "bytes": 0, "problems": []}
     order = sorted(objects)
     if sample is not None:
         seed = str(state["seed"]).encode()
         order = [sha for sha in order if int(hashlib.sha256(seed + sha.encode()).hexdigest()[:12], 16) < sample * 16**12]
-    found: list[dict] = state["problems"]
+    # resume after the last object checked, by hash: objects pushed or purged since do not shift it
+    start = bisect.bisect_right(order, state["last"]) if state["last"] else 0
+    resumed_from = state["checked"] if state["last"] else 0
+    found: list[dict] = []
 
-    async def check(sha: str) -> None:
+    async def check(sha: str, *, count: bool = True) -> None:
         size = objects[sha]
         what = await lake.acheck_object(sha, size)
         if what is not None:
-            found.append({"key": object_key(sha), "what": f"object {sha} is {what}", "fix": OBJECT_FIX})
+            found.append({"sha": sha, "key": object_key(sha), "what": f"object {sha} is {what}", "fix": OBJECT_FIX})
         elif size > chunks.CHUNKED_MIN:
             what = await lake.acheck_chunk_map(sha, size)
             if what is not None:
-                found.append({"key": chunk_map_key(sha), "what": f"the chunk map of {sha} is {what}", "fix": OBJECT_FIX})
-        state["checked"] += 1
-        state["bytes"] += size
-        progress.advance(1, size)
+                found.append({"sha": sha, "key": chunk_map_key(sha), "what": f"the chunk map of {sha} is {what}", "fix": OBJECT_FIX})
+        if count:
+            state["checked"] += 1
+            state["bytes"] += size
+            progress.advance(1, size)
 
+    # what the interrupted run found wrong is checked again: a --repair since may have fixed it
+    again = [p["sha"] for p in state["problems"] if p["sha"] in objects]
+    if again:
+        run(again, lambda sha: check(sha, count=False), jobs=jobs)
     progress.start("objects", total_files=len(order), total_bytes=sum(objects[s] for s in order))
-    progress.advance(resumed_from, sum(objects[s] for s in order[:resumed_from]))
+    progress.advance(start, sum(objects[s] for s in order[:start]))
     try:
-        for start in range(resumed_from, len(order), CHECKPOINT):
-            run(order[start : start + CHECKPOINT], check, jobs=jobs)
-            state["position"] = min(len(order), start + CHECKPOINT)
+        for first in range(start, len(order), CHECKPOINT):
+            run(order[first : first + CHECKPOINT], check, jobs=jobs)
+            state["last"] = order[min(len(order), first + CHECKPOINT) - 1]
+            state["problems"] = found
             _save_state(state_path, state)
             pause.point("lake-verify.checkpoint")
     finally:

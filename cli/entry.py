@@ -32,6 +32,11 @@ def _fast_path(argv: list[str]) -> int | None:
     from cachehub.context import Context
     from cachehub.errors import CachehubError
 
+    from .exits import arm_deadline
+
+    invalid = arm_deadline()
+    if invalid is not None:
+        return invalid
     try:
         with Context() as ctx:  # the worker itself: the facade would import every other worker
             print(resolve(ctx, ref, site=site))
@@ -54,7 +59,9 @@ def _fast_path(argv: list[str]) -> int | None:
 def main() -> None:
     code = _fast_path(sys.argv[1:])
     if code is not None:
-        sys.exit(code)
+        from .exits import leave
+
+        leave(code)  # the context is closed; leave skips teardown if obstore ran
     from .main import main as full
 
     full()

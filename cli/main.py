@@ -970,9 +970,13 @@ def main() -> None:
     """
     import signal
 
+    from .exits import arm_deadline, leave
+
     debug = os.environ.get("CACHEHUB_DEBUG") == "1"
     signal.signal(signal.SIGINT, _interrupted)
-    _arm_deadline()
+    invalid = arm_deadline()
+    if invalid is not None:
+        sys.exit(invalid)
     code = 0
     try:
         app()
@@ -980,7 +984,7 @@ def main() -> None:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException as exc:  # noqa: BLE001 - every way out goes through _exit below
         code = _report(exc, debug)
-    _exit(code)
+    leave(code, [hub.close for hub in _OPENED])
 
 
 def _report(exc: BaseException, debug: bool) -> int:
@@ -998,64 +1002,6 @@ def _report(exc: BaseException, debug: bool) -> int:
         return 1
     typer.echo(f"cachehub: error: {exc}", err=True)
     return exc.exit_code if isinstance(exc, CachehubError) else 1
-
-
-def _exit(code: int) -> None:
-    """Close what the command opened, then leave.
-
-    With an object-store lake, obstore's Rust threads may still hold requests that an error cut
-    short; if one finished while the interpreter was tearing down, it would call into a Python
-    that is gone and abort the process (SIGABRT, exit 134). So after closing the hubs and
-    flushing the output, such a process ends with ``os._exit`` and skips that teardown: every
-    file cachehub writes is already durable (written, fsynced, renamed) by then.
-    """
-    for hub in _OPENED:
-        try:
-            hub.close()
-        except Exception:  # noqa: BLE001, S110 - closing is best effort on the way out
-            pass
-    _OPENED.clear()
-    from cachehub.backends import runtime_started
-
-    if not runtime_started():
-        sys.exit(code)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def _arm_deadline() -> None:
-    """``CACHEHUB_COMMAND_TIMEOUT``: end the whole command after that many seconds.
-
-    The per-request deadlines (CACHEHUB_REQUEST_TIMEOUT, CACHEHUB_RETRY_TIMEOUT) bound each
-    lake request; this one bounds the command, for jobs that must not wait on a lake for ever.
-    The command is ended as a crash would end it (exit 11): everything cachehub publishes is
-    crash-safe, so a re-run resumes.
-    """
-    raw = os.environ.get("CACHEHUB_COMMAND_TIMEOUT")
-    if not raw:
-        return
-    from cachehub.errors import ConfigError
-    from cachehub.policy import parse_duration
-
-    try:
-        seconds = parse_duration(raw)
-    except (ConfigError, ValueError):
-        typer.echo(f"cachehub: error: CACHEHUB_COMMAND_TIMEOUT={raw!r} is not a duration (e.g. 90s, 10m, 2h)", err=True)
-        sys.exit(13)
-    import threading
-
-    def expire() -> None:
-        sys.stderr.write(
-            f"cachehub: error: the command ran past its deadline of {raw} (CACHEHUB_COMMAND_TIMEOUT) and was ended; "
-            "nothing half-done was published, re-run to resume\n"
-        )
-        sys.stderr.flush()
-        os._exit(11)
-
-    timer = threading.Timer(seconds, expire)
-    timer.daemon = True
-    timer.start()
 
 
 if __name__ == "__main__":

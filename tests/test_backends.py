@@ -152,9 +152,10 @@ def test_degraded_paths_give_the_same_answers(tmp_path: Path, request: pytest.Fi
 
 
 def test_upload_read_back_catches_damage(tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where the server does not check checksums, each upload is read back; damaged bytes are
-    deleted and reported. The damage itself is injected (a stand-in for a server or a network
-    that flips bits, which no test server here does on purpose): the read-back returns other bytes."""
+    """Where the server does not check checksums, each upload is read back; a mismatch is put
+    again, and a server that keeps damaging it is reported (never a delete: the key may be
+    shared). The damage is injected (a stand-in for a server or network that flips bits, which
+    no test server here does on purpose): the read-back returns other bytes."""
     url = object_store_lake("seaweed", request, monkeypatch)
     b = open_backend(url, endpoint_url=os.environ["CACHEHUB_ENDPOINT_URL"])
     b.apply_server_facts({"checksums": False})
@@ -162,17 +163,24 @@ def test_upload_read_back_catches_damage(tmp_path: Path, request: pytest.Fixture
     body = b"good bytes"
     sha = hashlib.sha256(body).hexdigest()
     real_aget = b.aget
+    reads: list[str] = []
 
-    async def damaged(key: str):  # type: ignore[no-untyped-def]
-        return b"bad" + bytes(await real_aget(key))[3:]
+    def damaging(times: int):  # type: ignore[no-untyped-def]
+        async def aget(key: str):  # type: ignore[no-untyped-def]
+            reads.append(key)
+            got = bytes(await real_aget(key))
+            return b"bad" + got[3:] if len(reads) <= times else got
 
-    monkeypatch.setattr(b, "aget", damaged)
-    with pytest.raises(IntegrityError, match="read back after the upload"):
+        return aget
+
+    monkeypatch.setattr(b, "aget", damaging(1))  # damaged once: put again, then it reads back whole
+    asyncio.run(b.aput(f"objects/{sha}", body, sha256=sha))
+    assert len(reads) == 2 and b.read(f"objects/{sha}")[0] == body
+    reads.clear()
+    monkeypatch.setattr(b, "aget", damaging(99))  # damaged every time: reported, nothing deleted
+    with pytest.raises(IntegrityError, match="read back after 3 uploads"):
         asyncio.run(b.aput(f"objects/{sha}", body, sha256=sha))
-    assert not b.exists(f"objects/{sha}")  # the damaged copy is gone
-    monkeypatch.setattr(b, "aget", real_aget)
-    asyncio.run(b.aput(f"objects/{sha}", body, sha256=sha))  # an honest read-back passes
-    assert b.read(f"objects/{sha}")[0] == body
+    assert len(reads) == 3 and b.exists(f"objects/{sha}")
 
 
 def test_azure_errors_name_the_fix(azurite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
@@ -242,3 +250,36 @@ def test_read_only_credentials_still_init_and_read(azurite, tmp_path: Path) -> N
     assert sas not in init.stderr  # the token is never printed
     run_cli("cache", "ds@v1", env=reader, check=True)
     assert run_cli("doctor", env=reader).returncode == 11
+
+
+def test_a_failed_doctor_keeps_the_recorded_workarounds(local_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A probe that fails half-way (a stand-in for a server dying mid-doctor: one check raises)
+    leaves the facts recorded before in force and removes its probe objects."""
+    from cachehub import doctor
+    from cachehub.api import Hub
+
+    with Hub() as hub:
+        hub.lake.ensure_initialised()
+        hub.lake.record_server_facts({"ranges": False, "checksums": False}, checked_by="test")
+
+    def dies(*_args: object) -> None:
+        raise LakeError("the lake at the test did not answer")
+
+    monkeypatch.setattr(doctor, "_nested_listing", dies)
+    with Hub() as hub:
+        with pytest.raises(LakeError, match="did not answer"):
+            hub.doctor()
+        assert hub.lake.server_facts == {"ranges": False, "checksums": False}
+        assert not list(hub.lake.backend.list("doctor"))
+        assert not (Path(local_env["CACHEHUB_LAKE"]) / "doctor").exists() or not any((Path(local_env["CACHEHUB_LAKE"]) / "doctor").iterdir())
+
+
+def test_a_slow_answer_is_not_mistaken_for_access_denied() -> None:
+    """obstore prints the elapsed time ("in 401.2ms"): only a 401/403 status means denied."""
+    from obstore.exceptions import GenericError
+
+    b = open_backend("s3://bucket/p", endpoint_url="http://127.0.0.1:9")
+    slow = b._translate(GenericError("Generic S3 error: Error performing GET http://127.0.0.1:9/x in 401.2ms - error sending request"), "x")
+    assert "did not answer" in str(slow)
+    denied = b._translate(GenericError("Error performing GET http://h/x in 3ms - Server returned non-2xx status code: 403 Forbidden"), "x")
+    assert "access denied" in str(denied) and "AWS_ACCESS_KEY_ID" in str(denied)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -10,7 +11,18 @@ import sys
 import time
 from pathlib import Path
 
-from .conftest import random_tree, run_cli, write_tree
+import pytest
+
+from cachehub.backends import open_backend
+
+from .conftest import object_store_lake, random_tree, run_cli, write_tree
+
+
+@pytest.fixture
+def hub_s3_lake(tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> tuple:
+    url = object_store_lake("seaweed", request, monkeypatch)
+    env = dict(os.environ, CACHEHUB_HOME=str(tmp_path / "home"), CACHEHUB_LAKE=url)
+    return env, open_backend(url, endpoint_url=os.environ["CACHEHUB_ENDPOINT_URL"])
 
 
 def _lake_file(env: dict[str, str], key: str) -> Path:
@@ -96,3 +108,53 @@ def test_interrupted_run_resumes(local_env: dict[str, str], tmp_path: Path) -> N
     assert resumed["resumed_from"] == 512 and resumed["checked_objects"] == 600 and resumed["ok"]
     fresh = json.loads(run_cli("lake", "verify", "--json", env=env, check=True).stdout)
     assert fresh["resumed_from"] == 0  # a finished run leaves nothing to resume
+
+
+def test_a_truncated_or_emptied_large_object_is_damage_not_an_error(hub_s3_lake: tuple, tmp_path: Path) -> None:
+    """Cut short at a multiple of 8 MiB, or emptied: reported as damaged (exit 9), and
+    --repair puts it back, on an object store."""
+    env, backend = hub_s3_lake
+    src = write_tree(tmp_path / "big", {"a.bin": os.urandom(16 * 1024 * 1024 + 5), "b.bin": os.urandom(9 * 1024 * 1024)})
+    _push(env, src, "big")
+    sha = {n: hashlib.sha256((src / n).read_bytes()).hexdigest() for n in ("a.bin", "b.bin")}
+    backend.write(f"objects/sha256/{sha['a.bin'][:2]}/{sha['a.bin']}", (src / "a.bin").read_bytes()[: 8 * 1024 * 1024])
+    backend.write(f"objects/sha256/{sha['b.bin'][:2]}/{sha['b.bin']}", b"")
+    bad = run_cli("lake", "verify", env=env)
+    assert bad.returncode == 9, bad.stderr
+    assert f"object {sha['a.bin']} is damaged: 8388608 bytes where 16777221 were expected" in bad.stdout
+    assert f"object {sha['b.bin']} is damaged: 0 bytes where 9437184 were expected" in bad.stdout
+    fixed = json.loads(run_cli("push", str(src), "big", "--repair", "--json", env=env, check=True).stdout)
+    assert fixed["repaired_files"] == 2
+    assert run_cli("lake", "verify", env=env).returncode == 0
+
+
+def test_a_resumed_run_rechecks_what_it_found_and_skips_nothing(local_env: dict[str, str], tmp_path: Path) -> None:
+    """Interrupted after finding damage; meanwhile the damage is repaired and another dataset
+    is pushed (new hashes land before the resume point): the resumed run reports no stale
+    problem, and every object of the snapshot it started from is checked exactly once."""
+    env = local_env
+    src = random_tree(tmp_path / "r", 600, seed=6, max_size=200)
+    _push(env, src, "many")
+    lake = Path(env["CACHEHUB_LAKE"])
+    first = sorted(p for p in (lake / "objects").rglob("*") if p.is_file())[3]  # before the first checkpoint
+    first.chmod(0o644)
+    first.write_bytes(b"rot")
+    handshake = tmp_path / "pause"
+    handshake.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "cachehub.cli.main", "lake", "verify"], text=True,
+                            env=dict(env, CACHEHUB_PAUSE=f"lake-verify.checkpoint@{handshake}"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (handshake / "lake-verify.checkpoint.reached").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    run_cli("push", str(src), "many", "--repair", env=env, check=True)
+    random_tree(src / "more", 50, seed=7, max_size=200)  # a new commit of the same dataset
+    _push(env, src, "many")
+    (state,) = (Path(env["CACHEHUB_HOME"]) / "lake-verify").glob("*.json")
+    last = json.loads(state.read_text())["last"]
+    shas = [p.name for p in (lake / "objects").rglob("*") if p.is_file()]
+    resumed = json.loads(run_cli("lake", "verify", "--json", env=env, check=True).stdout)
+    assert resumed["ok"] and resumed["resumed_from"] == 512 and resumed["objects"] == 650, resumed
+    assert resumed["checked_objects"] == 512 + sum(1 for s in shas if s > last)
