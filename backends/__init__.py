@@ -65,4 +65,12 @@ def runtime_started() -> bool:
     return bool(module and module._RUNTIME_PID)
 
 
-__all__ = ["Backend", "open_backend", "runtime_started"]
+def objstore_stats():  # type: ignore[no-untyped-def]
+    """The object-store request stats of this process, or None if no object store was used."""
+    import sys
+
+    module = sys.modules.get(f"{__name__}.objstore")
+    return module.STATS if module else None
+
+
+__all__ = ["Backend", "objstore_stats", "open_backend", "runtime_started"]

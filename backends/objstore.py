@@ -22,10 +22,14 @@ what an error should advise. Everything else lives here once:
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
+import inspect
 import os
 import re
-from collections.abc import AsyncIterator, Iterator
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -37,6 +41,69 @@ from cachehub.errors import ConflictError, IntegrityError, LakeError
 from cachehub.fsutil import unique_suffix
 
 from .base import Backend, Buffer
+
+
+class RequestStats:
+    """Every object-store request of this process: counts, errors by kind, and latency in
+    histogram buckets, by operation (``get``, ``put``, ``head``, ``list``, ``delete``). The
+    daemon's ``/metrics`` exports them."""
+
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, float("inf"))
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.latency: dict[str, list[float]] = {}  # op -> [count per bucket..., sum, count]
+        self.errors: dict[tuple[str, str], int] = {}  # (op, kind) -> count
+
+    def observe(self, op: str, seconds: float, error: Exception | None) -> None:
+        with self.lock:
+            hist = self.latency.setdefault(op, [0.0] * (len(self.BUCKETS) + 2))
+            for i, bound in enumerate(self.BUCKETS):
+                if seconds <= bound:
+                    hist[i] += 1
+            hist[-2] += seconds
+            hist[-1] += 1
+            if error is not None and not isinstance(error, (FileNotFoundError, ConflictError, AlreadyExistsError, PreconditionError)):
+                kind = "timeout" if "did not answer" in str(error) else "denied" if "access denied" in str(error) else "other"
+                self.errors[(op, kind)] = self.errors.get((op, kind), 0) + 1
+
+
+STATS = RequestStats()
+
+
+def _timed(op: str) -> Callable[[Callable], Callable]:
+    """Record each call's latency and failure in ``STATS`` (sync and async methods alike)."""
+
+    def wrap(fn: Callable) -> Callable:
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def arun(*args: Any, **kwargs: Any) -> Any:
+                started = time.perf_counter()
+                try:
+                    result = await fn(*args, **kwargs)
+                except Exception as exc:
+                    STATS.observe(op, time.perf_counter() - started, exc)
+                    raise
+                STATS.observe(op, time.perf_counter() - started, None)
+                return result
+
+            return arun
+
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as exc:
+                STATS.observe(op, time.perf_counter() - started, exc)
+                raise
+            STATS.observe(op, time.perf_counter() - started, None)
+            return result
+
+        return run
+
+    return wrap
 
 
 _STATUS_DENIED = re.compile(r"status code: 40[13]\b")
@@ -134,6 +201,7 @@ class ObjectStoreBackend(Backend):
         return LakeError(f"lake request for {key} failed at {self._where}: {first[:300]}", key=key)
 
     # -- metadata ---------------------------------------------------------------------------
+    @_timed("get")
     def read(self, key: str) -> tuple[bytes, str]:
         check_fork()
         try:
@@ -142,6 +210,7 @@ class ObjectStoreBackend(Backend):
         except Exception as exc:
             raise self._translate(exc, key) from exc
 
+    @_timed("put")
     def write(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
         check_fork()
         mode: Any = "overwrite"
@@ -155,6 +224,7 @@ class ObjectStoreBackend(Backend):
             raise self._translate(exc, key) from exc
         return self._token(result)
 
+    @_timed("head")
     def exists(self, key: str) -> bool:
         check_fork()
         try:
@@ -181,6 +251,7 @@ class ObjectStoreBackend(Backend):
         except Exception as exc:
             raise self._translate(exc, prefix) from exc
 
+    @_timed("list")
     def list_dirs(self, prefix: str) -> list[str]:
         check_fork()
         base = prefix.rstrip("/") + "/" if prefix else ""
@@ -192,6 +263,7 @@ class ObjectStoreBackend(Backend):
             raise self._translate(exc, prefix) from exc
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in result["common_prefixes"])
 
+    @_timed("delete")
     def delete(self, key: str) -> None:
         check_fork()
         try:
@@ -201,6 +273,7 @@ class ObjectStoreBackend(Backend):
         except Exception as exc:
             raise self._translate(exc, key) from exc
 
+    @_timed("get")
     def download(self, key: str, dest: Path) -> None:
         check_fork()
         tmp = dest.with_name(f".{dest.name}.{unique_suffix()}.tmp")
@@ -216,6 +289,7 @@ class ObjectStoreBackend(Backend):
             tmp.unlink(missing_ok=True)
 
     # -- data path --------------------------------------------------------------------------
+    @_timed("head")
     async def aexists(self, key: str) -> bool:
         check_fork()
         try:
@@ -226,6 +300,7 @@ class ObjectStoreBackend(Backend):
         except Exception as exc:
             raise self._translate(exc, key) from exc
 
+    @_timed("get")
     async def aget(self, key: str) -> Buffer:
         check_fork()
         try:
@@ -234,6 +309,7 @@ class ObjectStoreBackend(Backend):
         except Exception as exc:
             raise self._translate(exc, key) from exc
 
+    @_timed("get")
     def read_range(self, key: str, start: int, end: int) -> Buffer:
         check_fork()
         try:
@@ -248,6 +324,7 @@ class ObjectStoreBackend(Backend):
         except Exception as exc:
             raise self._translate(exc, key) from exc
 
+    @_timed("get")
     async def aget_range(self, key: str, start: int, end: int) -> Buffer:
         check_fork()
         try:
@@ -273,6 +350,7 @@ class ObjectStoreBackend(Backend):
         except Exception as exc:
             raise self._translate(exc, key) from exc
 
+    @_timed("put")
     async def aput(self, key: str, data: bytes, *, sha256: str) -> None:
         check_fork()
         try:
@@ -284,6 +362,7 @@ class ObjectStoreBackend(Backend):
     async def areplace(self, key: str, data: bytes, *, sha256: str) -> None:
         await self.aput(key, data, sha256=sha256)
 
+    @_timed("put")
     async def aput_if_absent(self, key: str, data: Buffer, *, sha256: str) -> bool:
         # One create-only PUT instead of a HEAD and a PUT: half the requests for new content.
         # If the object exists, the body was sent for nothing, so push uses this only for small

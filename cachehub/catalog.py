@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from .errors import CachehubError, ConfigError
 from .fsutil import HOST
 from .lake import EVENT_FIELDS, canonical_json, now_iso
-from .model import CacheEntry, Commit, Tag, Tombstone
+from .model import CacheEntry, Commit, DiffEntry, Tag, Tombstone
 
 if TYPE_CHECKING:
     from .results import Subscription
@@ -102,6 +102,22 @@ MIGRATIONS.append(
             commit_id TEXT PRIMARY KEY, dataset TEXT NOT NULL, reason TEXT, user TEXT, time TEXT
         );
         CREATE TABLE restores (commit_id TEXT, dataset TEXT, path TEXT, host TEXT, user TEXT, time TEXT);
+        """,
+    )
+)
+MIGRATIONS.append(
+    (
+        5,
+        """
+        CREATE TABLE diffs (
+            commit_id TEXT NOT NULL, parent_id TEXT NOT NULL, added INTEGER NOT NULL, removed INTEGER NOT NULL,
+            modified INTEGER NOT NULL, PRIMARY KEY (commit_id, parent_id)
+        );
+        CREATE TABLE diff_files (
+            commit_id TEXT NOT NULL, parent_id TEXT NOT NULL, seq INTEGER NOT NULL, path TEXT NOT NULL,
+            change TEXT NOT NULL, old_size INTEGER, new_size INTEGER, PRIMARY KEY (commit_id, parent_id, seq)
+        );
+        CREATE INDEX audit_action ON audit (action, seq);
         """,
     )
 )
@@ -247,6 +263,52 @@ class Catalog:
             sql += " LIMIT ?"
             params += (limit,)
         return [self._commit(r) for r in self.conn.execute(sql, params)]
+
+    def log_page(self, dataset: str, *, limit: int, offset: int = 0) -> list[Commit]:
+        """One page of a dataset's commits, newest first."""
+        rows = self.conn.execute(
+            "SELECT * FROM commits WHERE dataset = ? ORDER BY created DESC, id DESC LIMIT ? OFFSET ?", (dataset, limit, offset)
+        )
+        return [self._commit(r) for r in rows.fetchall()]
+
+    def dataset_summaries(self) -> list[tuple]:
+        """(name, commits, last change, files and bytes of the newest commit) of every dataset, one query."""
+        return self.conn.execute(
+            "SELECT d.name, count(c.id), max(c.created),"
+            " (SELECT files FROM commits WHERE dataset = d.name ORDER BY created DESC, id DESC LIMIT 1),"
+            " (SELECT bytes FROM commits WHERE dataset = d.name ORDER BY created DESC, id DESC LIMIT 1)"
+            " FROM datasets d LEFT JOIN commits c ON c.dataset = d.name GROUP BY d.name ORDER BY d.name"
+        ).fetchall()
+
+    # -- diffs between a commit and its parent, kept once computed (the dashboard's history) ---
+    def diffstat(self, commit_id: str, parent_id: str) -> tuple[int, int, int] | None:
+        row = self.conn.execute(
+            "SELECT added, removed, modified FROM diffs WHERE commit_id = ? AND parent_id = ?", (commit_id, parent_id)
+        ).fetchone()
+        return (row[0], row[1], row[2]) if row else None
+
+    def save_diff(self, commit_id: str, parent_id: str, entries: Iterable[DiffEntry]) -> tuple[int, int, int]:
+        counts = {"added": 0, "removed": 0, "modified": 0}
+        with self.transaction():
+            self.conn.execute("DELETE FROM diff_files WHERE commit_id = ? AND parent_id = ?", (commit_id, parent_id))
+            batch: list[tuple] = []
+            for seq, e in enumerate(entries):
+                counts[e.change] += 1
+                batch.append((commit_id, parent_id, seq, e.path, e.change, e.old_size, e.new_size))
+                if len(batch) >= 5000:
+                    self.conn.executemany("INSERT INTO diff_files VALUES (?,?,?,?,?,?,?)", batch)
+                    batch.clear()
+            self.conn.executemany("INSERT INTO diff_files VALUES (?,?,?,?,?,?,?)", batch)
+            stat = (counts["added"], counts["removed"], counts["modified"])
+            self.conn.execute("INSERT OR REPLACE INTO diffs VALUES (?,?,?,?,?)", (commit_id, parent_id, *stat))
+        return stat
+
+    def diff_page(self, commit_id: str, parent_id: str, *, limit: int, offset: int = 0) -> list[DiffEntry]:
+        rows = self.conn.execute(
+            "SELECT path, change, old_size, new_size FROM diff_files WHERE commit_id = ? AND parent_id = ? ORDER BY seq LIMIT ? OFFSET ?",
+            (commit_id, parent_id, limit, offset),
+        )
+        return [DiffEntry(*r) for r in rows.fetchall()]
 
     def tag(self, dataset: str, name: str) -> tuple[str, str | None] | None:
         row = self.conn.execute("SELECT commit_id, etag FROM tags WHERE dataset = ? AND name = ?", (dataset, name)).fetchone()
@@ -407,6 +469,25 @@ class Catalog:
         """(id, user, host, status, started, command) of every run."""
         return self.conn.execute("SELECT id, user, host, status, started, command FROM runs").fetchall()
 
+    def recent_runs(self, limit: int = 200) -> list[dict]:
+        """The newest runs, newest first, as dicts."""
+        cols = ("id", "user", "host", "site", "started", "ended", "status", "exit_code", "duration", "command")
+        rows = self.conn.execute(f"SELECT {', '.join(cols)} FROM runs ORDER BY started DESC LIMIT ?", (limit,)).fetchall()
+        return [dict(zip(cols, r, strict=True)) for r in rows]
+
+    def run_io(self, run_id: str) -> tuple[list[tuple], list[tuple]]:
+        """((dataset, commit, ref, site) it read, (dataset, commit) it made) of one run."""
+        inputs = self.conn.execute("SELECT dataset, commit_id, ref, site FROM run_inputs WHERE run_id = ?", (run_id,)).fetchall()
+        outputs = self.conn.execute("SELECT dataset, commit_id FROM run_outputs WHERE run_id = ?", (run_id,)).fetchall()
+        return inputs, outputs
+
+    def runs_of(self, commit_id: str) -> list[tuple[str, str]]:
+        """(run id, "used" or "produced") of every run that read or made a commit."""
+        return self.conn.execute(
+            "SELECT run_id, 'used' FROM run_inputs WHERE commit_id = ? UNION SELECT run_id, 'produced' FROM run_outputs WHERE commit_id = ?",
+            (commit_id, commit_id),
+        ).fetchall()
+
     def run_inputs(self) -> list[tuple]:
         """(run id, dataset, commit id, ref, site) of every input a run read."""
         return self.conn.execute("SELECT run_id, dataset, commit_id, ref, site FROM run_inputs").fetchall()
@@ -520,6 +601,27 @@ class Catalog:
             params.append(since)
         for row in self.conn.execute(sql + " ORDER BY time, seq", params):
             yield _event(row)
+
+    def audit_page(self, *, limit: int, offset: int = 0, **filters: str | None) -> tuple[list[dict], int]:
+        """One page of audit events matching ``filters`` (dataset, action, user, site), newest
+        first, and how many match in all."""
+        where, params = "WHERE 1=1", []
+        for column, value in (("dataset", filters.get("dataset")), ("action", filters.get("action")),
+                              ("user", filters.get("user")), ("site", filters.get("site"))):  # fmt: skip
+            if value:
+                where += f" AND {column} = ?"
+                params.append(value)
+        total = self.conn.execute(f"SELECT count(*) FROM audit {where}", params).fetchone()[0]
+        rows = self.conn.execute(f"SELECT {_EVENT_COLUMNS} FROM audit {where} ORDER BY seq DESC LIMIT ? OFFSET ?", [*params, limit, offset])
+        return [_event(r) for r in rows.fetchall()], total
+
+    def eviction_counts(self) -> list[tuple[str, str, int]]:
+        """(site, reason, count) of every eviction this catalog recorded: the daemon's own and
+        manual ones (CLI, dashboard), admission, purge."""
+        return self.conn.execute(
+            "SELECT coalesce(site, ''), coalesce(json_extract(details, '$.reason'), ''), count(*) FROM audit"
+            " WHERE action = 'evict' GROUP BY 1, 2 ORDER BY 1, 2"
+        ).fetchall()
 
     def count_audit_events(self) -> int:
         return self.conn.execute("SELECT count(*) FROM audit").fetchone()[0]

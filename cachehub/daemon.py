@@ -25,9 +25,10 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from typing import Any
 from pathlib import Path
 
-from . import audit, cache, cache_queue, evict, index, purge, server, verify
+from . import audit, cache, cache_queue, evict, index, purge, server, verify, views
 from .config import Settings
 from .context import Context
 from .errors import CachehubError
@@ -55,6 +56,16 @@ class Metrics:
         self.failures: Counter[tuple[str, str]] = Counter()  # (site, kind) -> count
         self.subscription_caches = 0
         self.last_success: dict[str, float] = {}  # "sweep", "refresh", "subscription:<id>" -> time
+        # the same, by site (what /metrics labels): counters per (site, name), eviction reasons
+        # per (site, reason), and each site's cache durations in histogram buckets
+        self.by_site: Counter[tuple[str, str]] = Counter()
+        self.evictions_by_site: Counter[tuple[str, str]] = Counter()
+        self.durations: dict[str, list[float]] = {}  # site -> [count per bucket..., sum, count]
+
+    def evicted(self, site: str, reason: str, n: int = 1) -> None:
+        with self.lock:
+            self.evictions[reason] += n
+            self.evictions_by_site[(site, reason)] += n
 
     def fail(self, site: str, kind: str) -> None:
         with self.lock:
@@ -65,13 +76,26 @@ class Metrics:
             self.last_success[what] = when
 
     def record_cache(self, result: object) -> None:
+        site = result.site  # type: ignore[attr-defined]
         with self.lock:
             self.caches += 1
             self.fetched_bytes += result.fetched_bytes  # type: ignore[attr-defined]
             self.reused_bytes += result.reused_bytes  # type: ignore[attr-defined]
             self.fetched_files += result.fetched_files  # type: ignore[attr-defined]
             self.reused_files += result.reused_files  # type: ignore[attr-defined]
-            self.evictions["admission"] += len(getattr(result, "evicted", ()))
+            for name in ("fetched_bytes", "reused_bytes", "fetched_files", "reused_files"):
+                self.by_site[(site, name)] += getattr(result, name)
+            self.by_site[(site, "caches")] += 1
+            admitted = len(getattr(result, "evicted", ()))
+            self.evictions["admission"] += admitted
+            self.evictions_by_site[(site, "admission")] += admitted
+            if not result.already_cached:  # type: ignore[attr-defined]
+                hist = self.durations.setdefault(site, [0.0] * (len(server.DURATION_BUCKETS) + 2))
+                for i, bound in enumerate(server.DURATION_BUCKETS):
+                    if result.seconds <= bound:  # type: ignore[attr-defined]
+                        hist[i] += 1
+                hist[-2] += result.seconds  # type: ignore[attr-defined]
+                hist[-1] += 1
 
 
 class Daemon:
@@ -81,6 +105,7 @@ class Daemon:
         *,
         sites: Iterable[str] | None = None,
         listen: str | None = DEFAULT_LISTEN,
+        token: str | None = None,
         sweep_every: float = 60.0,
         refresh_every: float = 60.0,
         queue_every: float = 1.0,
@@ -94,6 +119,7 @@ class Daemon:
         for name in self.site_names:
             settings.site(name)  # unknown site: fail now, with the fix
         self.listen = listen
+        self.token = token  # the dashboard's actions (docs/dashboard.md); never logged
         self.sweep_every = sweep_every
         self.refresh_every = refresh_every
         self.queue_every = queue_every
@@ -108,7 +134,7 @@ class Daemon:
         self._damaged_lock = threading.Lock()
         self._scheduler = None
         self._observer = None
-        self._http: server.Server | None = None
+        self._http: Any = None  # web.Server
         self._stopped = threading.Event()
         self._sub_next: dict[int, float] = {}  # subscription id -> monotonic time it is due
         self._sub_failures: dict[int, int] = {}  # subscription id -> failures in a row
@@ -118,12 +144,17 @@ class Daemon:
     def start(self) -> None:
         from apscheduler.schedulers.background import BackgroundScheduler
 
+        from cachehub import web
+
+        # the socket first: a public address without a token is refused before anything starts
+        bound = web.bind(self.listen, token=self.token) if self.listen else None
         for name in self.site_names:
             store = SiteStore(self.settings.site(name))
             if self.settings.creates_on_use(store.site):
                 store.create()
-        if self.listen:
-            self._http = server.serve(self, self.listen)
+        if bound is not None:
+            sock, loopback = bound
+            self._http = web.Server(web.create_app(self.settings, token=self.token, loopback=loopback, daemon=self), sock)
         for store in self.stores():
             cache_queue.announce(store, self.address)
         scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30})
@@ -202,7 +233,8 @@ class Daemon:
                     log.warning("sweep of %s failed: %s", store.name, exc)
                     continue
                 if result is not None:
-                    self._count_evictions(result.evicted)
+                    for ev in result.evicted:
+                        self.metrics.evicted(store.name, ev.reason)
                     for ev in result.evicted:
                         log.info("evicted %s@%s at %s (%s, %d bytes)", ev.entry.dataset, ev.entry.commit[:12], store.name, ev.reason, ev.entry.bytes)
                     if result.gc_objects:
@@ -210,14 +242,10 @@ class Daemon:
             if not failed:
                 self.metrics.succeeded("sweep", self.clock())
 
-    def _count_evictions(self, evicted: Iterable[evict.Eviction]) -> None:
-        with self.metrics.lock:
-            for ev in evicted:
-                self.metrics.evictions[ev.reason] += 1
-
     def refresh(self) -> None:
         """Index commits and tags pushed from other sites; evict commits purged elsewhere;
-        ship this daemon's audit events; pick up new subscriptions."""
+        ship this daemon's audit events; pick up new subscriptions; compute the diffs the
+        dashboard's history shows."""
         with self._context() as ctx:
             try:
                 for name in ctx.lake.datasets():
@@ -229,6 +257,9 @@ class Daemon:
                 log.warning("refresh failed: %s", exc)
                 return
             self.metrics.succeeded("refresh", self.clock())
+            # the dashboard's history shows each commit's change against its parent: compute
+            # the missing ones here, a few seconds at a time, rather than on a page load
+            views.fill_diffs(ctx, budget=10.0)
 
     def _evict_purged(self, ctx: Context) -> None:
         """A purge on another host reaches this host's sites through the lake's tombstones."""
@@ -238,8 +269,7 @@ class Daemon:
                 removed = purge.evict_purged(ctx, store, [cid for cid in purged if store.entries_of(cid)])
                 for cid in removed:
                     log.info("evicted %s at %s: purged from the lake", cid[:12], store.name)
-                with self.metrics.lock:
-                    self.metrics.evictions["purged"] += len(removed)
+                self.metrics.evicted(store.name, "purged", len(removed))
 
     def serve_queue(self) -> None:
         """Cache every requested commit once per site; tell waiters about failures."""
@@ -328,6 +358,7 @@ class Daemon:
                     log.info("repaired %d file(s) of %s@%s at %s", len(report.repaired), dataset, commit_id[:12], site)
                     with self.metrics.lock:
                         self.metrics.repairs += len(report.repaired)
+                        self.metrics.by_site[(site, "repairs")] += len(report.repaired)
 
     def heartbeat(self) -> None:
         for store in self.stores():
@@ -402,6 +433,7 @@ class Daemon:
         with self._context() as ctx:
             sites = [to_dict(site_status(SiteStore(self.settings.site(name)))) for name in self.site_names]
             subs = [to_dict(s) for s in ctx.catalog.subscriptions()]
+            recorded = [{"site": s, "reason": r, "count": n} for s, r, n in ctx.catalog.eviction_counts() if s in self.site_names]
         for s in subs:
             s["failures_in_a_row"] = self._sub_failures.get(s["id"], 0)
         m = self.metrics
@@ -420,6 +452,10 @@ class Daemon:
                 "failures": failures,
                 "subscription_caches": m.subscription_caches,
                 "last_success": dict(m.last_success),
+                "by_site": {site: {k: v for (s2, k), v in m.by_site.items() if s2 == site} for site in {s for s, _ in m.by_site}},
+                "evictions_by_site": [{"site": s, "reason": r, "count": n} for (s, r), n in sorted(m.evictions_by_site.items())],
+                "evictions_recorded": recorded,
+                "cache_seconds": {site: list(h) for site, h in m.durations.items()},
             }
         return {
             "daemon": {"pid": os.getpid(), "started": self.started, "uptime": self.clock() - self.started, "listen": self.address},

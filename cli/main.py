@@ -41,6 +41,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tex
 SiteOpt = Annotated[Optional[str], typer.Option("--site", "-s", help="Site name (default: CACHEHUB_SITE or the configured default, 'local').")]  # noqa: UP007
 IncludeOpt = Annotated[Optional[list[str]], typer.Option("--include", help="Only files matching this glob (repeatable): a partial cache, e.g. 'train/**'.")]  # noqa: UP007
 ExcludeOpt = Annotated[Optional[list[str]], typer.Option("--exclude", help="Leave out files matching this glob (repeatable), e.g. '*.tmp'.")]  # noqa: UP007
+TokenOpt = Annotated[Optional[str], typer.Option("--token-file", help="File whose first line is the token that actions (and pages, off loopback) need.")]  # noqa: UP007
 JobsOpt = Annotated[Optional[int], typer.Option("--jobs", "-j", help="Transfers in flight (default: CACHEHUB_JOBS or config, else 64).")]  # noqa: UP007
 
 
@@ -666,13 +667,16 @@ def subscriptions(json_out: JsonOpt = False) -> None:
 @app.command()
 def daemon(
     sites: Annotated[Optional[list[str]], typer.Option("--site", "-s", help="Sites to serve (repeatable; default: all).")] = None,  # noqa: UP007
-    listen: Annotated[str, typer.Option("--listen", help="HTTP address for /status and /metrics; 'off' to disable.")] = "127.0.0.1:8731",
+    listen: Annotated[str, typer.Option("--listen", help="HTTP address of the dashboard, /status and /metrics; 'off' to disable.")] = "127.0.0.1:8731",
     sweep: Annotated[str, typer.Option("--sweep", help="How often to evict expired / over-capacity entries.")] = "1m",
     refresh: Annotated[str, typer.Option("--refresh", help="How often to index new commits and tags from the lake.")] = "1m",
     gc_every: Annotated[str, typer.Option("--gc", help="How often a sweep also walks objects/ to collect garbage (a full walk).")] = "1h",
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning.")] = "info",
+    token_file: TokenOpt = None,
 ) -> None:
-    """Run the background service in the foreground (systemd-friendly; SIGTERM stops it cleanly)."""
+    """Run the background service in the foreground (systemd-friendly; SIGTERM stops it cleanly).
+
+    It also serves the dashboard on --listen (docs/dashboard.md)."""
     import logging
 
     from cachehub.daemon import Daemon, run_forever
@@ -682,15 +686,50 @@ def daemon(
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     with _hub() as hub:
         settings = hub.settings
+    from cachehub.web import load_token
+
     d = Daemon(
         settings,
         sites=sites,
         listen=None if listen == "off" else listen,
+        token=load_token(token_file),
         sweep_every=parse_duration(sweep),
         refresh_every=parse_duration(refresh),
         gc_every=parse_duration(gc_every),
     )
     run_forever(d)
+
+
+@app.command()
+def ui(
+    listen: Annotated[str, typer.Option("--listen", help="HTTP address of the dashboard.")] = "127.0.0.1:8731",
+    token_file: TokenOpt = None,
+    refresh: Annotated[bool, typer.Option("--refresh/--no-refresh", help="Index the lake's datasets before serving.")] = True,
+) -> None:
+    """Serve the dashboard alone, without the daemon's background jobs (e.g. on a laptop)."""
+    import signal
+    import threading
+
+    from cachehub.web import load_token, serve
+
+    token = load_token(token_file)
+    with _hub() as hub:
+        settings = hub.settings
+        if refresh:
+            from cachehub.errors import CachehubError
+
+            try:
+                for name in hub.lake.datasets():
+                    hub.refresh(name)
+            except (CachehubError, OSError) as exc:  # the lake may be unreachable: serve what the catalog knows
+                typer.echo(f"warning: could not refresh the catalog from the lake ({exc}); showing what it already holds", err=True)
+    server = serve(settings, listen, token=token)
+    typer.echo(f"cachehub dashboard on http://{server.address}/" + ("" if token else " (read-only: no --token-file)"), err=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    server.close()
 
 
 # -- provenance ------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "cachehub"
 # the facade and the entry points may import the facade; nothing else may
-FACADE_USERS = {"cachehub", "cachehub.api"}
+FACADE_USERS = {"cachehub", "cachehub.api", "cachehub.web"}
 
 
 def _modules() -> dict[str, Path]:

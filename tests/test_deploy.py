@@ -241,3 +241,29 @@ def test_the_slurm_array_caches_a_commit_and_the_training_job_reads_it(tmp_path:
         ).stdout
     )  # fmt: skip
     assert [(e["dataset"], e["site"]) for e in events] == [("scans", "gpu-a")]  # one lease, held for the run
+
+
+def test_monitoring_files_use_only_series_the_daemon_exports(local_env: dict[str, str]) -> None:
+    """deploy/monitoring: the alert rules parse, and every cachehub_* series they and the Grafana
+    dashboard query is one a daemon's /metrics has (parsed with prometheus_client)."""
+    import re
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from cachehub import server
+    from cachehub.config import load_settings
+    from cachehub.daemon import Daemon
+
+    exported = {f.name for f in text_string_to_metric_families(server.prometheus(Daemon(load_settings(), listen=None, watch=False).status()))}
+    exported |= {"cachehub_lake_request_duration_seconds", "cachehub_lake_request_errors"}  # present once an object store was used
+
+    def base(name: str) -> str:
+        return re.sub(r"_(total|bucket|count|sum|info)$", "", name)
+
+    rules = yaml.safe_load((REPO / "deploy" / "monitoring" / "alerts.yaml").read_text())
+    exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    assert {r["alert"] for g in rules["groups"] for r in g["rules"]} >= {"CachehubDaemonDown", "CachehubSiteNearlyFull", "CachehubSubscriptionFailing"}
+    board = json.loads((REPO / "deploy" / "monitoring" / "grafana-dashboard.json").read_text())
+    exprs += [t["expr"] for p in board["panels"] for t in p["targets"]]
+    used = {base(n) for e in exprs for n in re.findall(r"\bcachehub_[a-z_]+", e)}
+    assert used and used <= exported, used - exported
