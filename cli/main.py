@@ -80,14 +80,28 @@ def _listing(rows: list, json_out: bool, empty: str, line: Any) -> None:
         typer.echo(line(row))
 
 
-def _progress(enabled: bool) -> Any:
-    if not enabled or not sys.stderr.isatty():
-        from cachehub.progress import NULL
+_QUIET: list[bool] = [False]
 
+
+def _progress(enabled: bool) -> Any:
+    """A bar on a terminal; off one (Kubernetes logs, CI), a plain line every few seconds
+    (CACHEHUB_PROGRESS_EVERY, default 5 s); nothing with --quiet or --json."""
+    from cachehub.progress import NULL, LineProgress
+
+    mode = os.environ.get("CACHEHUB_PROGRESS", "auto")
+    if not enabled or _QUIET[0] or mode == "off":
         return NULL
+    if mode == "lines" or (mode == "auto" and not sys.stderr.isatty()):
+        return LineProgress(every=float(os.environ.get("CACHEHUB_PROGRESS_EVERY", "5")))
     from .progress import RichProgress
 
     return RichProgress()
+
+
+@app.callback()
+def _options(quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output (results and errors still print).")] = False) -> None:
+    """Cache and version ML datasets: an object-store lake of immutable commits, delta copies to site caches."""
+    _QUIET[0] = quiet
 
 
 def _size(n: int | None) -> str:
@@ -673,6 +687,7 @@ def daemon(
     gc_every: Annotated[str, typer.Option("--gc", help="How often a sweep also walks objects/ to collect garbage (a full walk).")] = "1h",
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning.")] = "info",
     token_file: TokenOpt = None,
+    log_format: Annotated[str, typer.Option("--log-format", help="text (default) or json: one JSON object per line.")] = "text",
 ) -> None:
     """Run the background service in the foreground (systemd-friendly; SIGTERM stops it cleanly).
 
@@ -682,7 +697,18 @@ def daemon(
     from cachehub.daemon import Daemon, run_forever
     from cachehub.policy import parse_duration
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from cachehub.errors import ConfigError
+
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"--log-format must be text or json, not {log_format!r}")
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        from cachehub.logs import JsonFormatter
+
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=log_level.upper(), handlers=[handler])
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     with _hub() as hub:
         settings = hub.settings

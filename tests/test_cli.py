@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 from cachehub.errors import (
@@ -165,3 +168,38 @@ def test_fast_path_command_matches_the_full_cli(tmp_path: Path, local_env: dict[
         fast, full = entry(*args), run_cli(*args, env=env)
         assert (fast.returncode, fast.stdout, fast.stderr) == (full.returncode, full.stdout, full.stderr), args
     assert entry("path", "--help").returncode == 0 and "Usage" in entry("path", "--help").stdout
+
+
+def test_progress_off_a_terminal_is_plain_lines(local_env: dict[str, str], tmp_path: Path) -> None:
+    """stderr is a pipe here: progress comes as plain lines (files, bytes, rate, ETA), one when
+    a phase ends; -q and --json print none."""
+    from .conftest import random_tree
+
+    src = random_tree(tmp_path / "src", 200, seed=3, max_size=20_000)
+    env = {**local_env, "CACHEHUB_PROGRESS_EVERY": "0"}
+    pushed = run_cli("push", str(src), "ds", env=env, check=True)
+    lines = [line for line in pushed.stderr.splitlines() if line.strip().startswith(("hash", "upload"))]
+    assert any(re.search(r"upload\s+\d+/200 files\s+[\d.]+ \w+( of [\d.]+ \w+)?\s+[\d.]+ \w+/s\s+ETA \d+", line) for line in lines), pushed.stderr
+    assert any("upload  done: 200 files" in line for line in lines)
+    cached = run_cli("cache", "ds@latest", env=env, check=True)
+    assert re.search(r"fetch\s+done: \d+ files", cached.stderr), cached.stderr
+    quiet = run_cli("-q", "verify", "ds@latest", env=env, check=True)
+    assert "files" not in quiet.stderr.replace("0 files", "")
+    as_json = run_cli("verify", "ds@latest", "--json", env=env, check=True)
+    assert json.loads(as_json.stdout)["ok"] and "done:" not in as_json.stderr
+
+
+def test_daemon_logs_as_json_lines(local_env: dict[str, str]) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cachehub.cli.main", "daemon", "--listen", "127.0.0.1:0", "--log-format", "json"],
+        env=local_env, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        first = json.loads(proc.stderr.readline())  # type: ignore[union-attr]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert first["level"] == "info" and first["logger"] == "cachehub.daemon" and "serving sites" in first["message"]
+    assert first["time"].endswith("Z")
+    bad = run_cli("daemon", "--log-format", "xml", env=local_env)
+    assert bad.returncode == 13 and "--log-format must be text or json" in bad.stderr
