@@ -31,10 +31,13 @@ class ChainProblem:
     message: str
 
 
-def verify_chain(events: Iterable[dict]) -> list[ChainProblem]:
-    """Check hash chains (one per origin) of events given in each origin's seq order."""
+def verify_chain(events: Iterable[dict], last: dict[str, tuple[int, str]] | None = None) -> list[ChainProblem]:
+    """Check hash chains (one per origin) of events given in each origin's seq order.
+
+    ``last`` (origin -> (seq, hash) of the last event already checked) continues a check
+    made before, and is updated in place."""
     problems: list[ChainProblem] = []
-    last: dict[str, tuple[int, str]] = {}
+    last = {} if last is None else last
     for event in events:
         origin = event["origin"]
         seq = event["origin_seq"]
@@ -61,6 +64,15 @@ def verify(ctx: Context) -> list[ChainProblem]:
     rows = list(ctx.catalog.audit_events())
     rows.sort(key=lambda e: (e["origin"], e["origin_seq"]))  # each chain in its own order
     return verify_chain(rows)
+
+
+def verify_since(ctx: Context, after_seq: int, last: dict[str, tuple[int, str]]) -> tuple[list[ChainProblem], int]:
+    """Check the events added since catalog seq ``after_seq`` against the chain state ``last``
+    (updated in place); returns the problems and the newest seq checked."""
+    rows = ctx.catalog.audit_events_after(after_seq)
+    newest = max((e["seq"] for e in rows), default=after_seq)
+    rows.sort(key=lambda e: (e["origin"], e["origin_seq"]))
+    return verify_chain(rows, last), newest
 
 
 def ship(ctx: Context) -> int:

@@ -623,6 +623,10 @@ class Catalog:
             " WHERE action = 'evict' GROUP BY 1, 2 ORDER BY 1, 2"
         ).fetchall()
 
+    def audit_events_after(self, seq: int) -> list[dict]:
+        """Every audit event with a catalog seq above ``seq``."""
+        return [_event(r) for r in self.conn.execute(f"SELECT {_EVENT_COLUMNS} FROM audit WHERE seq > ? ORDER BY seq", (seq,)).fetchall()]
+
     def count_audit_events(self) -> int:
         return self.conn.execute("SELECT count(*) FROM audit").fetchone()[0]
 

@@ -10,6 +10,7 @@ compute a commit's diff once, which is then kept in the catalog.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections import deque
 from datetime import UTC, datetime
@@ -231,12 +232,42 @@ def graph(ctx: Context, ref: str, *, depth: int = 4) -> dict:
     return {"commit": c.id, "dataset": c.dataset, "nodes": nodes, "edges": edges, "width": width, "height": height}
 
 
+FULL_CHAIN_CHECK = 300.0  # seconds between two full checks of the audit chains (a web server's thread)
+_CHAINS: dict[str, dict] = {}  # catalog path -> what the last check found (this process)
+_CHAINS_LOCK = threading.Lock()
+
+
+def chain_state(ctx: Context, *, full: bool = False) -> dict:
+    """The audit chains' state without re-hashing the whole trail on a page load.
+
+    ``full`` re-hashes every event (it catches an edit to an old one): the web server does that
+    in a thread of its own, at start and every ``FULL_CHAIN_CHECK`` seconds. A page load only
+    checks the events added since, continued from the last check's chain heads; before the
+    first full check has finished it says so (``ok`` is None)."""
+    from .audit import verify_since
+
+    key = str(ctx.settings.catalog_path)
+    if full:
+        memo = {"full_time": now_iso(), "last": {}, "seq": 0, "problems": []}
+    else:
+        with _CHAINS_LOCK:
+            memo = _CHAINS.get(key)
+            memo = None if memo is None else {**memo, "last": dict(memo["last"]), "problems": list(memo["problems"])}
+        if memo is None:
+            return {"ok": None, "problems": [], "full_check": None, "checked_through_seq": 0}
+    problems, memo["seq"] = verify_since(ctx, memo["seq"], memo["last"])
+    memo["problems"] += [str(p) for p in problems]
+    with _CHAINS_LOCK:
+        current = _CHAINS.get(key)
+        if full or current is None or current["seq"] <= memo["seq"]:
+            _CHAINS[key] = memo
+    return {"ok": not memo["problems"], "problems": memo["problems"], "full_check": memo["full_time"], "checked_through_seq": memo["seq"]}
+
+
 def audit(ctx: Context, *, page: int = 1, **filters: str | None) -> dict:
     """Audit events, newest first, filtered; with the state of every hash chain."""
-    from .audit import verify
-
     events, total = ctx.catalog.audit_page(limit=PAGE, offset=(page - 1) * PAGE, **filters)
-    problems = verify(ctx)
+    chains = chain_state(ctx)
     given = {k: v for k, v in filters.items() if v}
     return {
         "filters": given,
@@ -245,8 +276,9 @@ def audit(ctx: Context, *, page: int = 1, **filters: str | None) -> dict:
         "page": page,
         "pages": max(1, -(-total // PAGE)),
         "total": total,
-        "chain_ok": not problems,
-        "chain_problems": [str(p) for p in problems],
+        "chain_ok": chains["ok"],
+        "chain_problems": chains["problems"],
+        "chain_full_check": chains["full_check"],
         "events": [{**e, "details": json.dumps(e["details"], sort_keys=True)} for e in events],
     }
 

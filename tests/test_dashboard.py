@@ -109,6 +109,7 @@ def _shot(driver: object, name: str) -> None:
 
 def test_every_page_and_link_in_chromium(world: dict, browser: object) -> None:
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     base, driver = world["base"], browser
     seen: dict[str, str] = {}
@@ -142,7 +143,7 @@ def test_every_page_and_link_in_chromium(world: dict, browser: object) -> None:
     driver.get(base + "/lineage/xray-features/v1")  # type: ignore[attr-defined]
     nodes = driver.find_elements(By.CSS_SELECTOR, "svg#lineage g.node")  # type: ignore[attr-defined]
     assert len(nodes) >= 3  # the features, the raw v2 it came from, and v2's parent
-    driver.get(base + "/audit?action=pin")  # type: ignore[attr-defined]
+    WebDriverWait(driver, 30).until(lambda d: d.get(base + "/audit?action=pin") or "verifies" in d.find_element(By.ID, "chain").text)
     rows = driver.find_elements(By.CSS_SELECTOR, "table#audit tbody tr")  # type: ignore[attr-defined]
     assert len(rows) == 1 and "pin" in rows[0].text
     assert "Every hash chain verifies" in driver.find_element(By.ID, "chain").text  # type: ignore[attr-defined]
@@ -210,3 +211,26 @@ def test_a_public_address_needs_a_token(local_env: dict[str, str], tmp_path: Pat
     (tmp_path / "short").write_text("abc\n")
     r = run_cli("ui", "--token-file", str(tmp_path / "short"), "--no-refresh", env=local_env)
     assert r.returncode == 13 and "shorter than 16 characters" in r.stderr
+
+
+def test_the_audit_page_checks_new_events_at_once_and_old_ones_in_full_checks(local_env: dict[str, str]) -> None:
+    """The audit page does not re-hash the whole trail on each load: events added since the last
+    check are checked as they come, and an edit to an old event is caught by the next full check."""
+    from cachehub import views
+    from cachehub.context import Context
+
+    with Context() as ctx:
+        for i in range(5):
+            ctx.catalog.audit("resolve", dataset="ds", ref=f"v{i}")
+        assert views.audit(ctx)["chain_ok"] is None  # before the first full check: said so, not guessed
+        assert views.chain_state(ctx, full=True)["ok"]
+        assert views.audit(ctx)["chain_ok"]
+        ctx.catalog.conn.execute("UPDATE audit SET user = 'mallory' WHERE seq = 2")  # an old event edited
+        assert views.audit(ctx)["chain_ok"]  # not seen until the next full check...
+        ctx.catalog.audit("resolve", dataset="ds", ref="v5")
+        ctx.catalog.conn.execute("UPDATE audit SET details = '{\"x\": 1}' WHERE seq = (SELECT max(seq) FROM audit)")
+        found = views.audit(ctx)  # ...but a new event that does not hash right is caught at once
+        assert not found["chain_ok"] and "was changed after it was written" in found["chain_problems"][0]
+        full = views.chain_state(ctx, full=True)  # what the server's thread does every 5 minutes
+        assert len(full["problems"]) == 2 and any(":2 " in p for p in full["problems"])
+        assert views.audit(ctx)["chain_problems"] == full["problems"]

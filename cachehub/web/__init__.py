@@ -23,6 +23,7 @@ import ipaddress
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 from hashlib import sha256
 from pathlib import Path
@@ -235,7 +236,24 @@ def create_app(settings: Settings, *, token: str | None, loopback: bool, daemon:
             routes.append(Route(path, _source_route(fn, daemon)))
     app = Starlette(routes=routes)
     app.state.auth = auth
+    _check_chains_in_the_background(settings)
     return app
+
+
+def _check_chains_in_the_background(settings: Settings) -> None:
+    """The audit page's full chain check, off the request path: at start, then every
+    ``views.FULL_CHAIN_CHECK`` seconds (a daemon thread: it ends with the process)."""
+
+    def loop() -> None:
+        while True:
+            try:
+                with Context(settings) as ctx:
+                    views.chain_state(ctx, full=True)
+            except Exception as exc:  # noqa: BLE001 - a failed check is retried, and said on the page
+                log.warning("audit chain check failed: %s", exc)
+            time.sleep(views.FULL_CHAIN_CHECK)
+
+    threading.Thread(target=loop, name="cachehub-audit-check", daemon=True).start()
 
 
 ACTIONS = ("cache", "pin", "unpin", "evict", "subscribe", "unsubscribe")
