@@ -49,6 +49,8 @@ def dataset(ctx: Context, name: str, *, page: int = 1) -> dict:
         "pages": -(-total // PAGE),
         "tags": {t.name: t.commit for t in catalog.tags(name)},
         "commits": [_commit_row(ctx, c) for c in commits],
+        "sites": sorted(ctx.settings.sites),
+        "subscriptions": [dict(s) for s in catalog.subscriptions() if s.dataset == name],
     }
 
 

@@ -199,6 +199,10 @@ def test_cache_at_a_site_from_the_browser_and_refusals(world: dict, browser: obj
     ok = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
     status, body = _get(base + "/api/pin", data=b'{"ref": "chest-xray@v2", "site": "gpu-b"}', headers=ok)
     assert status == 200 and json.loads(body)["changed"] is True
+    driver.get(base + "/datasets/chest-xray")  # type: ignore[attr-defined]
+    driver.find_element(By.CSS_SELECTOR, "form#subscribe button").click()  # type: ignore[attr-defined]  # keep chest-xray@latest at gpu-a
+    wait.until(lambda d: d.find_elements(By.ID, "done"))
+    assert "chest-xray@latest" in driver.find_element(By.CSS_SELECTOR, "table#subscriptions").text  # type: ignore[attr-defined]
     status, body = _get(base + "/api/cache", data=b'{"ref": "chest-xray@nope", "site": "gpu-b"}', headers=ok)
     assert status == 404 and json.loads(body)["exit_code"] == 5
     assert token not in world["log"].read_text()  # the token never reaches the log
