@@ -92,9 +92,9 @@ def main() -> None:
         catalog.save_diff(newest.id, newest.parents[0], (
             DiffEntry(f"images/{k:07d}.png", ("added", "removed", "modified")[k % 3], None if k % 3 == 0 else 40_000, None if k % 3 == 1 else 41_000)
             for k in range(changed)
-        ))  # fmt: skip
+        ), keep_files=changed)  # fmt: skip
         with catalog.transaction() as conn:
-            conn.executemany("INSERT OR REPLACE INTO diffs VALUES (?,?,?,?,?)",
+            conn.executemany("INSERT OR REPLACE INTO diffs VALUES (?,?,?,?,?,0)",
                              [(c.id, c.parents[0], 2000, 2000, 2000) for c in commits[1:-1]])  # fmt: skip
         for i in range(args.audit_events):
             catalog.audit("resolve", dataset="big", commit=commits[i % len(commits)].id, ref="latest-good", site="local")

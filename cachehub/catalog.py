@@ -111,7 +111,7 @@ MIGRATIONS.append(
         """
         CREATE TABLE diffs (
             commit_id TEXT NOT NULL, parent_id TEXT NOT NULL, added INTEGER NOT NULL, removed INTEGER NOT NULL,
-            modified INTEGER NOT NULL, PRIMARY KEY (commit_id, parent_id)
+            modified INTEGER NOT NULL, listed INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (commit_id, parent_id)
         );
         CREATE TABLE diff_files (
             commit_id TEXT NOT NULL, parent_id TEXT NOT NULL, seq INTEGER NOT NULL, path TEXT NOT NULL,
@@ -287,21 +287,28 @@ class Catalog:
         ).fetchone()
         return (row[0], row[1], row[2]) if row else None
 
-    def save_diff(self, commit_id: str, parent_id: str, entries: Iterable[DiffEntry]) -> tuple[int, int, int]:
+    def save_diff(self, commit_id: str, parent_id: str, entries: Iterable[DiffEntry], *, keep_files: int = 0) -> tuple[int, int, int]:
+        """Keep a diff's counts, and its first ``keep_files`` changed files (0: counts only)."""
         counts = {"added": 0, "removed": 0, "modified": 0}
         with self.transaction():
             self.conn.execute("DELETE FROM diff_files WHERE commit_id = ? AND parent_id = ?", (commit_id, parent_id))
             batch: list[tuple] = []
             for seq, e in enumerate(entries):
                 counts[e.change] += 1
-                batch.append((commit_id, parent_id, seq, e.path, e.change, e.old_size, e.new_size))
+                if seq < keep_files:
+                    batch.append((commit_id, parent_id, seq, e.path, e.change, e.old_size, e.new_size))
                 if len(batch) >= 5000:
                     self.conn.executemany("INSERT INTO diff_files VALUES (?,?,?,?,?,?,?)", batch)
                     batch.clear()
             self.conn.executemany("INSERT INTO diff_files VALUES (?,?,?,?,?,?,?)", batch)
             stat = (counts["added"], counts["removed"], counts["modified"])
-            self.conn.execute("INSERT OR REPLACE INTO diffs VALUES (?,?,?,?,?)", (commit_id, parent_id, *stat))
+            self.conn.execute("INSERT OR REPLACE INTO diffs VALUES (?,?,?,?,?,?)", (commit_id, parent_id, *stat, 1 if keep_files else 0))
         return stat
+
+    def diff_listed(self, commit_id: str, parent_id: str) -> bool:
+        """Are a kept diff's changed files kept too (not only its counts)?"""
+        row = self.conn.execute("SELECT listed FROM diffs WHERE commit_id = ? AND parent_id = ?", (commit_id, parent_id)).fetchone()
+        return bool(row and row[0])
 
     def diff_page(self, commit_id: str, parent_id: str, *, limit: int, offset: int = 0) -> list[DiffEntry]:
         rows = self.conn.execute(
@@ -616,11 +623,12 @@ class Catalog:
         return [_event(r) for r in rows.fetchall()], total
 
     def eviction_counts(self) -> list[tuple[str, str, int]]:
-        """(site, reason, count) of every eviction this catalog recorded: the daemon's own and
-        manual ones (CLI, dashboard), admission, purge."""
+        """(site, reason, count) of every eviction made from this home (the daemon's own and
+        manual ones: CLI, dashboard; admission, purge); not other hosts' events imported here."""
         return self.conn.execute(
             "SELECT coalesce(site, ''), coalesce(json_extract(details, '$.reason'), ''), count(*) FROM audit"
-            " WHERE action = 'evict' GROUP BY 1, 2 ORDER BY 1, 2"
+            " WHERE action = 'evict' AND origin = ? GROUP BY 1, 2 ORDER BY 1, 2",
+            (self.origin,),
         ).fetchall()
 
     def audit_events_after(self, seq: int) -> list[dict]:

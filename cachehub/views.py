@@ -26,6 +26,11 @@ from .refs import Ref
 from .status import iso, site_status
 
 PAGE = 50  # rows per page: commits, diff files, audit events
+DIFF_FILES_KEPT = 100_000  # a commit page lists at most this many changed files (the counts are exact)
+
+
+class RunNotFoundError(CachehubError, LookupError):
+    """No run of that id in the catalog."""
 
 
 def datasets(ctx: Context) -> dict:
@@ -61,8 +66,9 @@ def commit(ctx: Context, ref: str, *, page: int = 1) -> dict:
     row = _commit_row(ctx, c, compute=True)
     parent = c.parents[0] if c.parents else None
     files = ctx.catalog.diff_page(c.id, parent, limit=PAGE, offset=(page - 1) * PAGE) if parent else []
-    changed = sum(row["diff"].values()) if row["diff"] else 0
+    changed = min(sum(row["diff"].values()), DIFF_FILES_KEPT) if row["diff"] else 0
     return {
+        "diff_files_kept": DIFF_FILES_KEPT,
         **row,
         "manifest": c.manifest,
         "transform": c.transform,
@@ -76,8 +82,14 @@ def commit(ctx: Context, ref: str, *, page: int = 1) -> dict:
 
 def _commit_row(ctx: Context, c: Commit, *, compute: bool = False) -> dict:
     parent = c.parents[0] if c.parents else None
-    stat = diffstat(ctx, c, compute=compute) if parent else None
+    stat, error = None, None
+    if parent:
+        try:
+            stat = diffstat(ctx, c, compute=compute, files=compute)
+        except (CachehubError, OSError) as exc:  # the lake is down, or a manifest damaged: the rest of the page still shows
+            error = str(exc)
     return {
+        "diff_error": error,
         "dataset": c.dataset, "commit": c.id, "short": c.short, "message": c.message, "author": c.author, "host": c.host,
         "created": c.created, "files": c.files, "bytes": c.bytes, "parent": parent, "tags": list(c.tags),
         "derived_from": [_commit_ref(ctx, d) for d in c.derived_from], "run": c.run,
@@ -85,19 +97,21 @@ def _commit_row(ctx: Context, c: Commit, *, compute: bool = False) -> dict:
     }  # fmt: skip
 
 
-def diffstat(ctx: Context, c: Commit, *, compute: bool) -> tuple[int, int, int] | None:
+def diffstat(ctx: Context, c: Commit, *, compute: bool, files: bool = False) -> tuple[int, int, int] | None:
     """Counts of the diff against the first parent: kept in the catalog once computed; computed
-    (two manifests, one linear merge) only when ``compute`` (a commit page) -- the history
-    page shows what is known, and the daemon fills in the rest (``fill_diffs``)."""
+    (two manifests, one linear merge) only when ``compute``. The daemon fills in counts
+    (``fill_diffs``); a commit page (``files``) also keeps the first ``DIFF_FILES_KEPT`` changed
+    files, so that a history of many large rewrites does not fill the catalog."""
     parent = c.parents[0]
     known = ctx.catalog.diffstat(c.id, parent)
-    if known is not None or not compute:
+    if not compute or (known is not None and (not files or ctx.catalog.diff_listed(c.id, parent))):
         return known
     older = ctx.catalog.commit(parent)
     if older is None:
         return None
     lake = ctx.lake
-    return ctx.catalog.save_diff(c.id, parent, diff_files(lake.manifest(older.manifest), lake.manifest(c.manifest)))
+    entries = diff_files(lake.manifest(older.manifest), lake.manifest(c.manifest))
+    return ctx.catalog.save_diff(c.id, parent, entries, keep_files=DIFF_FILES_KEPT if files else 0)
 
 
 def fill_diffs(ctx: Context, *, budget: float = 30.0) -> int:
@@ -123,7 +137,10 @@ def _commit_ref(ctx: Context, commit_id: str) -> dict:
 
 def cached_at_sites(ctx: Context, commit_id: str) -> list[dict]:
     """Each configured site's state for a commit: complete, partial (a selection), building,
-    or absent; with size, last use, time left before TTL eviction, leases and the pin."""
+    or absent; with size, last use, time left before TTL eviction, leases and the pin, all of
+    the entry shown (a partial cache is an entry of its own, with its own id)."""
+    from .evict import entry_state
+
     now = ctx.now()
     out = []
     for name in sorted(ctx.settings.sites):
@@ -131,22 +148,24 @@ def cached_at_sites(ctx: Context, commit_id: str) -> list[dict]:
         if not store.exists():
             out.append({"site": name, "state": "unreachable"})
             continue
-        ttl = store.site.ttl
-        leases = [x for x in lease.leases(store) if x.live() and x.commit.split("-")[0] == commit_id]
-        row: dict = {"site": name, "state": "absent", "leases": len(leases), "pinned": lease.is_pinned(store, commit_id)}
         entries = [e for e in store.cached() if e.source_commit == commit_id]
-        building = [p for p in store.partials() if p.commit.split("-")[0] == commit_id]
-        if entries:
-            whole = next((e for e in entries if e.commit == commit_id), None)
-            e = whole or entries[0]
-            last = e.last_used
+        e = next((x for x in entries if x.commit == commit_id), entries[0] if entries else None)
+        entry_id = e.commit if e else commit_id
+        live = [x for x in lease.leases(store, entry_id) if x.live()]
+        row: dict = {"site": name, "state": "absent", "leases": len(live), "pinned": lease.is_pinned(store, entry_id)}
+        if e is not None:
+            state = entry_state(store, e, now=now)  # what eviction itself goes by
+            ttl = store.site.ttl
             row.update(
-                state="complete" if whole else "partial", files=e.files, bytes=e.bytes, cached_at=e.cached_at,
-                last_used=iso(last), ttl_left=max(0.0, ttl - (now - last)) if ttl and last and not row["pinned"] else None,
+                state="complete" if e.commit == commit_id else "partial", entry=e.commit, files=e.files, bytes=e.bytes,
+                cached_at=e.cached_at, last_used=iso(state.last_used),
+                ttl_left=max(0.0, ttl - (now - state.last_used)) if ttl and not row["pinned"] else None,
                 selection=e.selection.to_json() if e.selection else None, path=str(e.path),
             )  # fmt: skip
-        elif building:
-            row.update(state="building", host=building[0].host, started=iso(building[0].started))
+        else:
+            building = [p for p in store.partials() if p.commit.split("-")[0] == commit_id]
+            if building:
+                row.update(state="building", host=building[0].host, started=iso(building[0].started))
         out.append(row)
     return out
 
@@ -187,7 +206,7 @@ def runs(ctx: Context) -> dict:
 def run(ctx: Context, run_id: str) -> dict:
     found = ctx.catalog.run(run_id)
     if found is None:
-        raise CachehubError(f"no run {run_id!r} in the catalog")
+        raise RunNotFoundError(f"no run {run_id!r} in this home's catalog: `cachehub lineage` lists the runs it knows", run=run_id)
     inputs, outputs = ctx.catalog.run_io(run_id)
     return {
         **found,

@@ -728,7 +728,7 @@ def daemon(
 
 @app.command()
 def ui(
-    listen: Annotated[str, typer.Option("--listen", help="HTTP address of the dashboard.")] = "127.0.0.1:8731",
+    listen: Annotated[str, typer.Option("--listen", help="HTTP address of the dashboard (the daemon's default is 8731).")] = "127.0.0.1:8732",
     token_file: TokenOpt = None,
     refresh: Annotated[bool, typer.Option("--refresh/--no-refresh", help="Index the lake's datasets before serving.")] = True,
 ) -> None:
@@ -736,9 +736,10 @@ def ui(
     import signal
     import threading
 
-    from cachehub.web import load_token, serve
+    from cachehub.web import Server, bind, create_app, load_token
 
     token = load_token(token_file)
+    sock, loopback = bind(listen, token=token)  # refused at once: before the refresh
     with _hub() as hub:
         settings = hub.settings
         if refresh:
@@ -749,7 +750,7 @@ def ui(
                     hub.refresh(name)
             except (CachehubError, OSError) as exc:  # the lake may be unreachable: serve what the catalog knows
                 typer.echo(f"warning: could not refresh the catalog from the lake ({exc}); showing what it already holds", err=True)
-    server = serve(settings, listen, token=token)
+    server = Server(create_app(settings, token=token, loopback=loopback), sock)
     typer.echo(f"cachehub dashboard on http://{server.address}/" + ("" if token else " (read-only: no --token-file)"), err=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

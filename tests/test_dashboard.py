@@ -206,6 +206,13 @@ def test_cache_at_a_site_from_the_browser_and_refusals(world: dict, browser: obj
     status, body = _get(base + "/api/cache", data=b'{"ref": "chest-xray@nope", "site": "gpu-b"}', headers=ok)
     assert status == 404 and json.loads(body)["exit_code"] == 5
     assert token not in world["log"].read_text()  # the token never reaches the log
+    # a refused form goes back to this server only, whatever the Referer says
+    status, location = _get(base + "/api/pin", data=b"ref=x", headers={"Content-Type": "application/x-www-form-urlencoded",
+                                                                       "Referer": "https://evil.example//evil.example/x"})  # fmt: skip
+    assert status == 303 and location.startswith(b"/?error=")
+    # a loopback dashboard answers loopback host names only (no DNS rebinding)
+    assert _get(base + "/", headers={"Host": "evil.example:8731"})[0] == 400
+    assert _get(base + "/api/runs/no-such-run")[0] == 404
 
 
 def test_a_public_address_needs_a_token(local_env: dict[str, str], tmp_path: Path) -> None:
@@ -238,3 +245,45 @@ def test_the_audit_page_checks_new_events_at_once_and_old_ones_in_full_checks(lo
         full = views.chain_state(ctx, full=True)  # what the server's thread does every 5 minutes
         assert len(full["problems"]) == 2 and any(":2 " in p for p in full["problems"])
         assert views.audit(ctx)["chain_problems"] == full["problems"]
+
+
+def test_who_may_read_without_the_token() -> None:
+    """Stand-in request objects (no network): a page needs no token only for a client on this
+    machine, to a loopback-bound server; a forwarded client (X-Forwarded-For, rewritten into
+    request.client by uvicorn) is remote like any other."""
+    from types import SimpleNamespace
+
+    from cachehub.web import Auth
+
+    def request(client: str, **headers: str) -> object:
+        return SimpleNamespace(client=SimpleNamespace(host=client), headers={k.lower(): v for k, v in headers.items()}, cookies={})
+
+    token = "t" * 32
+    on_loopback, public = Auth(token, loopback=True), Auth(token, loopback=False)
+    assert on_loopback.may_read(request("127.0.0.1")) and on_loopback.may_read(request("::1"))
+    assert not on_loopback.may_read(request("10.1.2.3"))  # through a local proxy
+    assert not public.may_read(request("127.0.0.1"))
+    assert public.may_read(request("10.1.2.3", Authorization=f"Bearer {token}"))
+    assert not public.may_read(request("10.1.2.3", Authorization="Bearer " + "x" * 32))
+
+
+def test_a_commit_page_without_the_lake_still_shows_where_it_is_cached(local_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cachehub import views
+    from cachehub.context import Context
+
+    src = write_tree(tmp_path / "src", {"a": "1", "b": "2"})
+    run_cli("push", str(src), "ds", "--tag", "v1", env=local_env, check=True)
+    write_tree(src, {"a": "changed"})
+    run_cli("push", str(src), "ds", "--tag", "v2", env=local_env, check=True)
+    run_cli("cache", "ds@v2", env=local_env, check=True)
+    monkeypatch.setenv("CACHEHUB_OFFLINE", "1")
+    with Context() as ctx:
+        page = views.commit(ctx, "ds@v2")
+    assert "CACHEHUB_OFFLINE" in page["diff_error"] and page["diff"] is None
+    assert [s["state"] for s in page["cached"]] == ["complete"]
+    monkeypatch.delenv("CACHEHUB_OFFLINE")
+    with Context() as ctx:
+        page = views.commit(ctx, "ds@v2")
+        assert page["diff"] == {"added": 0, "removed": 0, "modified": 1} and page["diff_files"][0]["path"] == "a"
+        commit = ctx.catalog.commit(page["commit"])
+        assert ctx.catalog.diff_listed(commit.id, commit.parents[0])

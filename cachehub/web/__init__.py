@@ -21,9 +21,9 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import os
 import socket
 import threading
-import time
 from collections.abc import Callable
 from hashlib import sha256
 from pathlib import Path
@@ -33,17 +33,7 @@ from urllib.parse import quote, urlencode
 from cachehub import views
 from cachehub.config import Settings
 from cachehub.context import Context
-from cachehub.errors import (
-    AmbiguousRefError,
-    CachehubError,
-    ConfigError,
-    ConflictError,
-    DatasetNotFoundError,
-    InvalidRefError,
-    NotCachedError,
-    RefNotFoundError,
-    SiteNotFoundError,
-)
+from cachehub.errors import AmbiguousRefError, CachehubError, ConfigError, ConflictError, InvalidRefError, NotCachedError
 
 log = logging.getLogger("cachehub.web")
 HERE = Path(__file__).parent
@@ -81,7 +71,11 @@ class Auth:
         return self.token is not None and hmac.compare_digest(request.cookies.get(COOKIE, "").encode(), self.session.encode())
 
     def may_read(self, request: Any) -> bool:
-        return self.loopback or self.bearer(request) or self.cookie(request)
+        """Pages need no token only for a client on this machine, reaching a loopback-bound
+        server (a proxy on the same host passes the real client through X-Forwarded-For,
+        which uvicorn trusts from 127.0.0.1 only)."""
+        client = request.client.host if request.client else ""
+        return (self.loopback and is_loopback(client)) or self.bearer(request) or self.cookie(request)
 
 
 def load_token(path: str | None) -> str | None:
@@ -181,18 +175,20 @@ def create_app(settings: Settings, *, token: str | None, loopback: bool, daemon:
     async def action(request: Request) -> Response:
         kind = request.path_params["action"]
         is_form = request.headers.get("content-type", "").startswith(("application/x-www-form-urlencoded", "multipart/form-data"))
+        # who is asking, before reading any body
+        if auth.token is None:
+            return _refuse(is_form, 403, "actions are off: start the server with --token-file to allow them", request)
+        by_bearer = auth.bearer(request)
+        if not by_bearer and not auth.cookie(request):
+            return _refuse(is_form, 401, "authentication required: send Authorization: Bearer <token>, or log in", request)
         try:
             body = dict(await request.form()) if is_form else await request.json()
         except ValueError:
             return JSONResponse({"error": "send a JSON object or a form"}, status_code=400)
         if not isinstance(body, dict):
             return JSONResponse({"error": "send a JSON object"}, status_code=400)
-        if auth.token is None:
-            return _refuse(is_form, 403, "actions are off: start the server with --token-file to allow them", request)
-        if not auth.bearer(request):
+        if not by_bearer:  # a browser's cookie: the page's CSRF token must come with it
             given = str(body.get("csrf", "")) or request.headers.get("x-csrf-token", "")
-            if not auth.cookie(request):
-                return _refuse(is_form, 401, "authentication required: send Authorization: Bearer <token>, or log in", request)
             if not hmac.compare_digest(given.encode(), auth.csrf.encode()):
                 return _refuse(is_form, 403, "missing or wrong CSRF token: reload the page and try again", request)
         try:
@@ -232,28 +228,31 @@ def create_app(settings: Settings, *, token: str | None, loopback: bool, daemon:
         Mount("/static", app=StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
     if daemon is not None:
-        for path, fn in server.ROUTES.items():
-            routes.append(Route(path, _source_route(fn, daemon)))
-    app = Starlette(routes=routes)
+        for path, fn in server.ROUTES.items():  # /status is a page; /metrics and the probes are open
+            routes.append(Route(path, _source_route(fn, daemon, auth if path == "/status" else None)))
+    middleware = []
+    if loopback:  # a page on loopback must not be readable through DNS rebinding: loopback names only
+        from starlette.middleware import Middleware
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        hosts = ["127.0.0.1", "localhost", "[::1]", "::1", *filter(None, os.environ.get("CACHEHUB_UI_HOSTS", "").split(","))]
+        middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=hosts))
+    app = Starlette(routes=routes, middleware=middleware)
     app.state.auth = auth
-    _check_chains_in_the_background(settings)
+    app.state.settings = settings
     return app
 
 
-def _check_chains_in_the_background(settings: Settings) -> None:
+def _check_chains(settings: Settings, stop: threading.Event) -> None:
     """The audit page's full chain check, off the request path: at start, then every
-    ``views.FULL_CHAIN_CHECK`` seconds (a daemon thread: it ends with the process)."""
-
-    def loop() -> None:
-        while True:
-            try:
-                with Context(settings) as ctx:
-                    views.chain_state(ctx, full=True)
-            except Exception as exc:  # noqa: BLE001 - a failed check is retried, and said on the page
-                log.warning("audit chain check failed: %s", exc)
-            time.sleep(views.FULL_CHAIN_CHECK)
-
-    threading.Thread(target=loop, name="cachehub-audit-check", daemon=True).start()
+    ``views.FULL_CHAIN_CHECK`` seconds, until ``stop`` (the server's close)."""
+    while not stop.is_set():
+        try:
+            with Context(settings) as ctx:
+                views.chain_state(ctx, full=True)
+        except Exception as exc:  # noqa: BLE001 - a failed check is retried, and said on the page
+            log.warning("audit chain check failed: %s", exc)
+        stop.wait(views.FULL_CHAIN_CHECK)
 
 
 ACTIONS = ("cache", "pin", "unpin", "evict", "subscribe", "unsubscribe")
@@ -288,10 +287,10 @@ def _act(settings: Settings, kind: str, body: dict) -> dict:
 
 
 def _status(exc: CachehubError) -> int:
-    if isinstance(exc, (DatasetNotFoundError, RefNotFoundError, NotCachedError, SiteNotFoundError)):
-        return 404
     if isinstance(exc, (InvalidRefError, AmbiguousRefError, ConfigError)):
         return 400
+    if isinstance(exc, (LookupError, NotCachedError)):  # unknown dataset, ref, site or run; not cached
+        return 404
     if isinstance(exc, ConflictError):
         return 409
     return 500
@@ -309,8 +308,12 @@ def _back(request: Any, *, done: str | None = None, error: str | None = None, st
     """After a form: back to the page it came from, with the outcome in the query."""
     from starlette.responses import RedirectResponse
 
-    referer = request.headers.get("referer", "/")
-    path = "/" + referer.split("://", 1)[-1].split("/", 1)[-1].split("?", 1)[0] if "://" in referer else "/"
+    from urllib.parse import urlsplit
+
+    referer = urlsplit(request.headers.get("referer", ""))
+    path = referer.path if referer.netloc == request.url.netloc else "/"  # back to this server only
+    if not path.startswith("/") or path.startswith(("//", "/\\")):
+        path = "/"
     query = urlencode({"done": done} if done else {"error": error or ""})
     return RedirectResponse(f"{path}?{query}", status_code=303 if status in (301, 302, 303) else 303)
 
@@ -320,10 +323,12 @@ def _error_page(templates: Any, request: Any, auth: Auth, exc: CachehubError) ->
                                       status_code=_status(exc))  # fmt: skip
 
 
-def _source_route(fn: Callable, source: Any) -> Callable:
-    from starlette.responses import Response
+def _source_route(fn: Callable, source: Any, auth: Auth | None) -> Callable:
+    from starlette.responses import JSONResponse, Response
 
     def endpoint(request: Any) -> Any:
+        if auth is not None and not auth.may_read(request):
+            return JSONResponse({"error": "authentication required: send Authorization: Bearer <token>"}, status_code=401)
         body, ctype, *code = fn(source)
         return Response(body, media_type=ctype, status_code=code[0] if code else 200)
 
@@ -355,7 +360,11 @@ class Server:
         import uvicorn
 
         self._sock = sock
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+        self._stop = threading.Event()
+        if getattr(app.state, "settings", None) is not None:
+            threading.Thread(target=_check_chains, args=(app.state.settings, self._stop), name="cachehub-audit-check", daemon=True).start()
+        # log_config=None: uvicorn's records go through the process's own handlers (--log-format json)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", log_config=None)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="cachehub-http", daemon=True)
         self._thread.start()
@@ -366,6 +375,7 @@ class Server:
         return f"{host}:{port}"
 
     def close(self) -> None:
+        self._stop.set()
         self._server.should_exit = True
         self._thread.join(timeout=10)
         self._sock.close()
