@@ -22,6 +22,7 @@ what an error should advise. Everything else lives here once:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -71,6 +72,17 @@ class RequestStats:
 STATS = RequestStats()
 
 
+@contextlib.contextmanager
+def _observed(op: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    except Exception as exc:
+        STATS.observe(op, time.perf_counter() - started, exc)
+        raise
+    STATS.observe(op, time.perf_counter() - started, None)
+
+
 def _timed(op: str) -> Callable[[Callable], Callable]:
     """Record each call's latency and failure in ``STATS`` (sync and async methods alike)."""
 
@@ -79,27 +91,15 @@ def _timed(op: str) -> Callable[[Callable], Callable]:
 
             @functools.wraps(fn)
             async def arun(*args: Any, **kwargs: Any) -> Any:
-                started = time.perf_counter()
-                try:
-                    result = await fn(*args, **kwargs)
-                except Exception as exc:
-                    STATS.observe(op, time.perf_counter() - started, exc)
-                    raise
-                STATS.observe(op, time.perf_counter() - started, None)
-                return result
+                with _observed(op):
+                    return await fn(*args, **kwargs)
 
             return arun
 
         @functools.wraps(fn)
         def run(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
-            try:
-                result = fn(*args, **kwargs)
-            except Exception as exc:
-                STATS.observe(op, time.perf_counter() - started, exc)
-                raise
-            STATS.observe(op, time.perf_counter() - started, None)
-            return result
+            with _observed(op):
+                return fn(*args, **kwargs)
 
         return run
 

@@ -223,12 +223,7 @@ class Lake:
                 pass  # another writer created it at the same moment
             self._checked = True
             return
-        try:
-            body = json.loads(data)
-        except ValueError as exc:
-            raise FormatError(f"{self.url}/{MARKER} is not JSON: restore it from a backup, or delete it and run `cachehub init`", key=MARKER) from exc
-        _check_format(body, LAKE_FORMAT, LAKE_FORMAT_VERSION, f"the lake at {self.url}")
-        self._take_server_facts(body)
+        self._take_marker(data)
         self._checked = True
 
     def check_readable(self) -> None:
@@ -238,6 +233,10 @@ class Lake:
             data, _ = self.backend.read(MARKER)
         except FileNotFoundError:
             return
+        self._take_marker(data)
+
+    def _take_marker(self, data: bytes) -> None:
+        """Check the marker's format and take what doctor recorded in it."""
         try:
             body = json.loads(data)
         except ValueError as exc:

@@ -146,7 +146,7 @@ def cached_at_sites(ctx: Context, commit_id: str) -> list[dict]:
     for name in sorted(ctx.settings.sites):
         store = ctx.store(name, check=False)
         if not store.exists():
-            out.append({"site": name, "state": "unreachable"})
+            out.append({"site": name, "state": "absent" if ctx.settings.creates_on_use(store.site) else "unreachable"})
             continue
         entries = [e for e in store.cached() if e.source_commit == commit_id]
         e = next((x for x in entries if x.commit == commit_id), entries[0] if entries else None)
@@ -181,12 +181,14 @@ def sites(ctx: Context) -> dict:
         store = ctx.store(name, check=False)
         st = site_status(store)
         site = store.site if st.state == "ok" else ctx.settings.sites[name]
+        # the embedded default site is laid out on first use: not there yet is not "missing"
+        state = "unused" if st.state != "ok" and ctx.settings.creates_on_use(site) else st.state
         used = st.object_bytes
         queue = [{"dataset": r.dataset, "commit": c, "ref": r.ref, "user": r.user, "host": r.host, "requested": r.requested}
                  for c, reqs in (cache_queue.pending(store).items() if st.state == "ok" else ()) for r in reqs]  # fmt: skip
         evictions, _ = ctx.catalog.audit_page(limit=10, action="evict", site=name)
         out.append({
-            "site": name, "root": st.root, "state": st.state, "link": st.link, "used": used, "quota": st.quota,
+            "site": name, "root": st.root, "state": state, "link": st.link, "used": used, "quota": st.quota,
             "fs_total": st.fs_total, "fs_free": st.fs_free, "low_watermark": site.low_watermark, "min_free": site.min_free,
             "ttl": st.ttl, "used_fraction": used / st.quota if st.quota else (used / st.fs_total if st.fs_total else None),
             "commits": len(st.commits), "leases": st.leases, "pinned": st.pinned, "queue": queue,

@@ -155,7 +155,11 @@ class SeaweedServer:
 
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
-    server = SeaweedServer(tmp_path_factory.mktemp("seaweed"))
+    yield from _session_server(SeaweedServer, tmp_path_factory, "seaweed")
+
+
+def _session_server(factory: type, tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator:
+    server = factory(tmp_path_factory.mktemp(name))
     server.start()
     yield server
     server.stop()
@@ -163,26 +167,17 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]
 
 @pytest.fixture(scope="session")
 def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
-    server = MotoServer(tmp_path_factory.mktemp("moto"))
-    server.start()
-    yield server
-    server.stop()
+    yield from _session_server(MotoServer, tmp_path_factory, "moto")
 
 
 @pytest.fixture(scope="session")
 def rclone_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RcloneS3Server]:
-    server = RcloneS3Server(tmp_path_factory.mktemp("rclone"))
-    server.start()
-    yield server
-    server.stop()
+    yield from _session_server(RcloneS3Server, tmp_path_factory, "rclone")
 
 
 @pytest.fixture(scope="session")
 def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzuriteServer]:
-    server = AzuriteServer(tmp_path_factory.mktemp("azurite"))
-    server.start()
-    yield server
-    server.stop()
+    yield from _session_server(AzuriteServer, tmp_path_factory, "azurite")
 
 
 def object_store_lake(kind: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:

@@ -49,7 +49,7 @@ def world(tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.Mo
     lake = object_store_lake("seaweed", request, monkeypatch)
     env = dict(os.environ, CACHEHUB_HOME=str(tmp_path / "home"), CACHEHUB_LAKE=lake)
     for name in ("gpu-a", "gpu-b"):
-        run_cli("site", "add", name, "--root", str(tmp_path / name), env=env, check=True)
+        run_cli("site", "add", name, "--root", str(tmp_path / name), "--quota", "250K", "--grace", "0", env=env, check=True)
     raw = random_tree(tmp_path / "raw", 40, seed=1)
     run_cli("push", str(raw), "chest-xray", "--tag", "v1", "-m", "first scan batch", env=env, check=True)
     write_tree(raw, {"extra/new-scan.png": os.urandom(3000)})
@@ -59,6 +59,8 @@ def world(tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.Mo
     run_cli("push", str(feats), "xray-features", "--tag", "v1", "-m", "features of v2", "--derived-from", "chest-xray@v2", env=env, check=True)
     run_cli("cache", "chest-xray@v1", "--site", "gpu-a", env=env, check=True)
     run_cli("pin", "chest-xray@v1", "--site", "gpu-a", env=env, check=True)
+    run_cli("cache", "xray-features@v1", "--site", "gpu-a", env=env, check=True)
+    run_cli("evict", "xray-features@v1", "--site", "gpu-a", env=env, check=True)  # a recent eviction to show
     run_cli("run", "--use", "chest-xray@v1", "--site", "gpu-a", "--", sys.executable, "-c", "print('train')", env=env, check=True)
     token = secrets.token_hex(24)
     (tmp_path / "token").write_text(token + "\n")

@@ -187,7 +187,9 @@ def test_the_dockerfile_build_stage_has_everything_the_package_needs(tmp_path: P
     import zipfile
 
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"cachehub/shard.py", "cachehub/cli/main.py", "cachehub/backends/s3.py"} <= names
+    assert {"cachehub/shard.py", "cachehub/cli/main.py", "cachehub/backends/s3.py", "cachehub/backends/azure.py"} <= names
+    # the dashboard's templates and stylesheet ship in the package (sites are often offline)
+    assert {"cachehub/web/templates/base.html", "cachehub/web/templates/commit.html", "cachehub/web/static/style.css"} <= names
     assert "USER 10001:10001" in dockerfile and 'ENTRYPOINT ["cachehub"]' in dockerfile
     uid = _pod(SITE[("Deployment", "cachehub-daemon")])["securityContext"]["runAsUser"]
     assert uid == 10001
