@@ -353,13 +353,16 @@ async def _finish_parts(lake: Lake, store: SiteStore, parts: RangeParts, limit: 
     """
     todo = [(Pieces(parts.sha256, parts.size, ()), start) for start in parts.starts(RANGE_SIZE)]
     await _fetch_pieces(lake, store, todo, limit, lambda n: None)
-    digest = await asyncio.to_thread(_hash_file, str(parts.data))
+    # publish a private copy: a shard still holding the data file open (mixed shard counts
+    # write the same piece) can then write only into the old inode, never into objects/
+    copy = await asyncio.to_thread(parts.copy)
+    digest = await asyncio.to_thread(_hash_file, str(copy))
     if digest != parts.sha256:
         parts.remove()
         return False
     try:
-        os.chmod(parts.data, 0o444)
-        store.publish_object(str(parts.data), parts.sha256)
+        os.chmod(copy, 0o444)
+        store.publish_object(str(copy), parts.sha256)
     except FileNotFoundError:  # another finisher published it first
         if not os.path.exists(store.object_file(parts.sha256)):
             raise

@@ -825,7 +825,9 @@ class RangeParts:
     ``piece`` bytes on a fixed grid, so that shards run with different N agree on it) is
     written at its offset, flushed, and then marked done by creating ``<start>.done``. A piece
     without its marker is fetched again; nothing here is trusted until the whole file hashes to
-    its SHA-256 (``download.py``), and then the file is renamed into ``objects/``.
+    its SHA-256 (``download.py``). What enters ``objects/`` is a private copy (``copy``), never
+    ``data`` itself: a writer of another shard may still hold ``data`` open, and a late piece
+    write must not reach a published object.
     """
 
     def __init__(self, directory: Path, sha256: str, size: int) -> None:
@@ -863,6 +865,28 @@ class RangeParts:
             os.close(fd)
             raise
         return fd
+
+    def copy(self) -> Path:
+        """A private copy of ``data`` (a new inode, in this directory): made server-side where
+        the filesystem can (``copy_file_range``: NFS 4.2, XFS and btrfs reflinks), else read and
+        written. Its bytes are what the caller then hashes and publishes."""
+        target = self.dir / f".copy.{unique_suffix()}"
+        with open(self.data, "rb") as src, open(target, "wb") as dst:
+            left = self.size
+            try:
+                while left > 0:
+                    n = os.copy_file_range(src.fileno(), dst.fileno(), left)
+                    if n == 0:
+                        break
+                    left -= n
+            except OSError:  # not supported here: copy through this process
+                src.seek(0)
+                dst.seek(0)
+                dst.truncate()
+                shutil.copyfileobj(src, dst, 8 * 1024 * 1024)
+            dst.flush()
+            os.fsync(dst.fileno())
+        return target
 
     def mark_done(self, start: int) -> None:
         with open(self.dir / f"{start}.done", "wb"):

@@ -229,6 +229,31 @@ def test_a_damaged_piece_is_caught_and_the_object_fetched_whole(tmp_path: Path) 
     assert host.run("verify", "ds").returncode == 0
 
 
+def test_a_late_piece_write_never_reaches_the_published_object(tmp_path: Path) -> None:
+    """A shard of another shard count may still hold the pieces file open when the object is
+    published (both own the same piece): what it writes then must not change the published
+    bytes. This test holds the file open the way such a shard does, and writes after the
+    publish."""
+    host = Host("solo", tmp_path, tmp_path / "lake")
+    root = tmp_path / "site"
+    host.run("site", "add", "team", "--root", str(root))
+    rng = random.Random(5)
+    src = write_tree(tmp_path / "src", {"big.bin": rng.randbytes(3 * PIECE + 11)})
+    host.run("push", str(src), "ds")
+    host.run("cache", "ds", "--shard", "0/2")
+    [parts] = list((root / "ranges").iterdir())
+    late = os.open(parts / "data", os.O_WRONLY)  # the slower shard's descriptor
+    try:
+        second = json.loads(host.run("cache", "ds", "--shard", "1/2", "--json").stdout)
+        assert second["published_here"]
+        os.pwrite(late, b"\x00" * 4096, 0)  # its piece arrives after the publish
+    finally:
+        os.close(late)
+    sha = hashlib.sha256((src / "big.bin").read_bytes()).hexdigest()
+    assert hashlib.sha256((Path(second["path"]) / "big.bin").read_bytes()).hexdigest() == sha
+    assert host.run("verify", "ds").returncode == 0
+
+
 def test_gc_removes_pieces_nobody_will_finish(tmp_path: Path) -> None:
     host = Host("solo", tmp_path, tmp_path / "lake")
     root = tmp_path / "site"
