@@ -21,7 +21,6 @@ what an error should advise. Everything else lives here once:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import hashlib

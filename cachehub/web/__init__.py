@@ -104,7 +104,7 @@ def create_app(settings: Settings, *, token: str | None, loopback: bool, daemon:
     """The Starlette application for ``settings``' catalog and sites."""
     from starlette.applications import Starlette
     from starlette.requests import Request
-    from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+    from starlette.responses import JSONResponse, RedirectResponse, Response
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
     from starlette.templating import Jinja2Templates
