@@ -22,7 +22,6 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-import os
 import random
 from pathlib import Path
 
@@ -173,4 +172,3 @@ def _load_state(path: Path, options: dict) -> dict | None:
 def _save_state(path: Path, state: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps(state).encode(), mode=0o600)
-    os.chmod(path, 0o600)

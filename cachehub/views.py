@@ -13,7 +13,6 @@ import json
 import threading
 import time
 from collections import deque
-from datetime import UTC, datetime
 from urllib.parse import urlencode
 
 from . import cache_queue, lease, lineage
@@ -271,7 +270,7 @@ def chain_state(ctx: Context, *, full: bool = False) -> dict:
 
     key = str(ctx.settings.catalog_path)
     if full:
-        memo = {"full_time": now_iso(), "last": {}, "seq": 0, "problems": []}
+        memo = {"full_time": iso(time.time()), "last": {}, "seq": 0, "problems": []}
     else:
         with _CHAINS_LOCK:
             memo = _CHAINS.get(key)
@@ -305,6 +304,3 @@ def audit(ctx: Context, *, page: int = 1, **filters: str | None) -> dict:
         "events": [{**e, "details": json.dumps(e["details"], sort_keys=True)} for e in events],
     }
 
-
-def now_iso() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -103,6 +103,7 @@ def is_loopback(host: str) -> bool:
 def create_app(settings: Settings, *, token: str | None, loopback: bool, daemon: Any = None) -> Any:
     """The Starlette application for ``settings``' catalog and sites."""
     from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
     from starlette.requests import Request
     from starlette.responses import JSONResponse, RedirectResponse, Response
     from starlette.routing import Mount, Route
@@ -192,7 +193,7 @@ def create_app(settings: Settings, *, token: str | None, loopback: bool, daemon:
             if not hmac.compare_digest(given.encode(), auth.csrf.encode()):
                 return _refuse(is_form, 403, "missing or wrong CSRF token: reload the page and try again", request)
         try:
-            result = await _run_in_thread(lambda: _act(settings, kind, body))
+            result = await run_in_threadpool(_act, settings, kind, body)
         except CachehubError as exc:
             if is_form:
                 return _back(request, error=str(exc))
@@ -333,12 +334,6 @@ def _source_route(fn: Callable, source: Any, auth: Auth | None) -> Callable:
         return Response(body, media_type=ctype, status_code=code[0] if code else 200)
 
     return endpoint
-
-
-async def _run_in_thread(fn: Callable[[], dict]) -> dict:
-    from starlette.concurrency import run_in_threadpool
-
-    return await run_in_threadpool(fn)
 
 
 def _duration(seconds: float | None) -> str:
